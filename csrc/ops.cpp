@@ -1,0 +1,32 @@
+// The one list of every op's schema. Kernels register themselves per backend at the end of their
+// own files (csrc/cpu/, csrc/cuda/); Triton kernels are registered from deconvseg_fast/ops/.
+#include <Python.h>
+#include <torch/library.h>
+
+// Importing deconvseg_fast._C from Python runs the static registrations below.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+TORCH_LIBRARY(deconvseg, m) {
+  // input: [N, C, H, W] -> (values [N, C, Ho, Wo], indices: flat int64 / window uint8 [N, C, Ho, Wo],
+  // packed uint8 [N, C, Ho, ceil(Wo/4)]). See docs/switches.md for the exact semantics.
+  m.def(
+      "max_pool2d_switches(Tensor input, int[2] kernel_size, int[2] stride, int[2] padding, "
+      "int[2] dilation, bool ceil_mode, str index_format) -> (Tensor, Tensor)");
+  // input [N, C, Hp, Wp], indices as produced above -> [N, C, output_size[0], output_size[1]]
+  m.def(
+      "max_unpool2d(Tensor input, Tensor indices, int[2] kernel_size, int[2] stride, "
+      "int[2] padding, int[2] dilation, int[2] output_size, str index_format) -> Tensor");
+  // grad_output [N, C, Ho, Wo] -> grad_input [N, C, input_size[0], input_size[1]]
+  m.def(
+      "max_pool2d_switches_backward(Tensor grad_output, Tensor indices, int[2] input_size, "
+      "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, str index_format) "
+      "-> Tensor");
+  // grad_output [N, C, Hout, Wout] -> grad_input [N, C, input_size[0], input_size[1]] (the pooled size)
+  m.def(
+      "max_unpool2d_backward(Tensor grad_output, Tensor indices, int[2] input_size, "
+      "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, str index_format) "
+      "-> Tensor");
+}

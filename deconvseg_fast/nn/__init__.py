@@ -1,0 +1,4 @@
+"""Drop-in modules: swap ``torch.nn`` for ``deconvseg_fast.nn`` and keep the rest of the model."""
+from .pooling import MaxPool2d, MaxUnpool2d
+
+__all__ = ["MaxPool2d", "MaxUnpool2d"]

@@ -1,0 +1,1 @@
+"""Pure-PyTorch oracles: slow, readable, float64-friendly. Imports torch only."""
