@@ -25,6 +25,7 @@
 #include <string>
 #include <vector>
 
+#include "huge_pages.h"
 #include "pooling_geometry.h"
 
 namespace deconvseg {
@@ -233,15 +234,7 @@ DSF_AVX512 inline void tap_masks(SwitchFormat fmt, const void* sw, int64_t ow, i
   for (int c = 0; c < 4; ++c) k[c] = _mm512_mask_cmpeq_epi32_mask(live, codes, _mm512_set1_epi32(c));
 }
 
-// Stores 2*rem floats. The unpooled output is four times the pooled data and is not read again
-// soon, so full aligned vectors bypass the cache: without the read-for-ownership of every output
-// line, the pass moves a third fewer bytes.
 DSF_AVX512 inline void store_row_pair(float* o, int64_t rem, __m512 a, __m512 b) {
-  if (rem == 16 && (reinterpret_cast<uintptr_t>(o) & 63) == 0) {
-    _mm512_stream_ps(o, a);
-    _mm512_stream_ps(o + 16, b);
-    return;
-  }
   _mm512_mask_storeu_ps(o, lanes(2 * rem), a);
   _mm512_mask_storeu_ps(o + 16, lanes(2 * rem - 16 > 0 ? 2 * rem - 16 : 0), b);
 }
@@ -266,7 +259,6 @@ DSF_AVX512 bool scatter_row(const float* src, SwitchFormat fmt, const void* sw, 
       store_row_pair(o, rem, _mm512_permutex2var_ps(even, il_lo, odd), _mm512_permutex2var_ps(even, il_hi, odd));
     }
   }
-  _mm_sfence();
   return ok;
 }
 
@@ -834,8 +826,8 @@ std::tuple<Tensor, Tensor> max_pool2d_switches_cpu(const Tensor& input, at::IntA
                     "): the output would be ", Ho, "x", Wo);
   const bool nhwc = is_nhwc(input);
   const auto mf = layout_of(nhwc);
-  auto values = at::empty({N, C, Ho, Wo}, input.options().memory_format(mf));
-  auto switches = at::empty(switch_shape(N, C, Ho, Wo, fmt), input.options().dtype(switch_dtype(fmt)).memory_format(mf));
+  auto values = empty_output({N, C, Ho, Wo}, input.scalar_type(), mf);
+  auto switches = empty_output(switch_shape(N, C, Ho, Wo, fmt), switch_dtype(fmt), mf);
   if (values.numel() == 0) return {values, switches};
   const Tensor x = input.contiguous(mf);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "max_pool2d_switches", [&] {
@@ -865,7 +857,7 @@ Tensor scatter_op(const Tensor& src_in, const Tensor& indices, int64_t H, int64_
   const int64_t N = src_in.size(0), C = src_in.size(1), Hp = src_in.size(2), Wp = src_in.size(3);
   const bool nhwc = is_nhwc(src_in);
   const auto mf = layout_of(nhwc);
-  auto out = at::empty({N, C, H, W}, src_in.options().memory_format(mf));
+  auto out = empty_output({N, C, H, W}, src_in.scalar_type(), mf);
   if (out.numel() == 0) return out;
   if (src_in.numel() == 0) return out.zero_();
   const Tensor src = src_in.contiguous(mf);
@@ -922,7 +914,7 @@ Tensor max_unpool2d_backward_cpu(const Tensor& grad_output, const Tensor& indice
   check_indices(indices, grad_output, fmt, Hp, Wp);
   const bool nhwc = is_nhwc(grad_output);
   const auto mf = layout_of(nhwc);
-  auto out = at::empty({N, C, Hp, Wp}, grad_output.options().memory_format(mf));
+  auto out = empty_output({N, C, Hp, Wp}, grad_output.scalar_type(), mf);
   if (out.numel() == 0) return out;
   TORCH_CHECK_VALUE(H > 0 && W > 0, "grad_output must have a non-empty plane, got ", grad_output.sizes());
   const Tensor grad = grad_output.contiguous(mf);
