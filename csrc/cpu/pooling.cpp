@@ -608,6 +608,57 @@ void scatter_sequential(const scalar_t* src, const void* sw, scalar_t* out, bool
   });
 }
 
+// The SegNet/DeconvNet geometry, with every window complete inside an H x W plane.
+bool is_2x2_stride2(const Geometry& g, int64_t Hp, int64_t Wp, int64_t H, int64_t W) {
+  return g.kh == 2 && g.kw == 2 && g.sh == 2 && g.sw == 2 && g.ph == 0 && g.pw == 0 && g.dh == 1 && g.dw == 1 &&
+         H >= 2 * Hp && W >= 2 * Wp;
+}
+
+// Tap (0..3) of a 2x2 stride-2 window's switch, or 4 when a flat switch is not one of its taps.
+// `rel` is the flat switch minus the flat position of the window's top-left tap.
+template <SwitchFormat F>
+inline int tap_2x2(const void* sw, int64_t i, int shift, int64_t rel_base, int64_t W) {
+  if (F == SwitchFormat::Flat) {
+    const int64_t rel = static_cast<const int64_t*>(sw)[i] - rel_base;
+    return rel == 0 ? 0 : rel == 1 ? 1 : rel == W ? 2 : rel == W + 1 ? 3 : 4;
+  }
+  const int code = static_cast<const uint8_t*>(sw)[i];
+  return F == SwitchFormat::Packed ? (code >> shift) & 3 : code;
+}
+
+// NHWC, one 2x2 window for all C channels: the four output pixels are written whole, so the
+// channel loop vectorises. `sw` points at this window's C switches (packed: its byte column).
+template <typename scalar_t, SwitchFormat F>
+DSF_MULTIVERSION bool scatter_2x2_pixel(const scalar_t* __restrict src, const void* __restrict sw, int shift, int64_t C,
+                                        int64_t rel_base, int64_t W, scalar_t* __restrict o00, scalar_t* __restrict o01,
+                                        scalar_t* __restrict o10, scalar_t* __restrict o11) {
+  bool ok = true;
+  for (int64_t c = 0; c < C; ++c) {
+    const int t = tap_2x2<F>(sw, c, shift, rel_base, W);
+    ok &= t < 4;
+    const scalar_t v = src[c], z = scalar_t(0);
+    o00[c] = t == 0 ? v : z;
+    o01[c] = t == 1 ? v : z;
+    o10[c] = t == 2 ? v : z;
+    o11[c] = t == 3 ? v : z;
+  }
+  return ok;
+}
+
+template <typename scalar_t, SwitchFormat F>
+DSF_MULTIVERSION bool gather_2x2_pixel(const scalar_t* __restrict g00, const scalar_t* __restrict g01,
+                                       const scalar_t* __restrict g10, const scalar_t* __restrict g11,
+                                       const void* __restrict sw, int shift, int64_t C, int64_t rel_base, int64_t W,
+                                       scalar_t* __restrict dst) {
+  bool ok = true;
+  for (int64_t c = 0; c < C; ++c) {
+    const int t = tap_2x2<F>(sw, c, shift, rel_base, W);
+    ok &= t < 4;
+    dst[c] = t == 0 ? g00[c] : t == 1 ? g01[c] : t == 2 ? g10[c] : g11[c];
+  }
+  return ok;
+}
+
 // 2x2 stride-2 NCHW band: rows 2*oh and 2*oh+1 of the output, all four taps written in one pass.
 // Returns false when a flat switch leaves its window (the caller then reruns sequentially).
 template <typename scalar_t, SwitchFormat F>
@@ -615,21 +666,13 @@ DSF_MULTIVERSION bool scatter_2x2_row(const scalar_t* __restrict src, const void
                                       int64_t base, int64_t W, scalar_t* __restrict o0, scalar_t* __restrict o1) {
   bool ok = true;
   for (int64_t ow = 0; ow < n; ++ow) {
-    int64_t code;
-    if (F == SwitchFormat::Flat) {
-      const int64_t rel = static_cast<const int64_t*>(sw_row)[ow] - base - 2 * ow;
-      code = rel == 0 ? 0 : rel == 1 ? 1 : rel == W ? 2 : rel == W + 1 ? 3 : 4;
-    } else if (F == SwitchFormat::Window) {
-      code = static_cast<const uint8_t*>(sw_row)[ow];
-    } else {
-      code = (static_cast<const uint8_t*>(sw_row)[ow >> 2] >> packed_shift(ow)) & 3;
-    }
-    ok &= code < 4;
+    const int t = tap_2x2<F>(sw_row, F == SwitchFormat::Packed ? (ow >> 2) : ow, packed_shift(ow), base + 2 * ow, W);
+    ok &= t < 4;
     const scalar_t v = src[ow], z = scalar_t(0);
-    o0[2 * ow] = code == 0 ? v : z;
-    o0[2 * ow + 1] = code == 1 ? v : z;
-    o1[2 * ow] = code == 2 ? v : z;
-    o1[2 * ow + 1] = code == 3 ? v : z;
+    o0[2 * ow] = t == 0 ? v : z;
+    o0[2 * ow + 1] = t == 1 ? v : z;
+    o1[2 * ow] = t == 2 ? v : z;
+    o1[2 * ow + 1] = t == 3 ? v : z;
   }
   return ok;
 }
@@ -641,8 +684,7 @@ template <typename scalar_t, SwitchFormat F>
 bool scatter_bands(const scalar_t* src, const void* sw, scalar_t* out, bool nhwc, int64_t N, int64_t C,
                    int64_t Hp, int64_t Wp, int64_t H, int64_t W, const Geometry& g, BadIndex& bad) {
   const SwitchIndexer ix{nhwc, F, C, Hp, Wp};
-  const bool fast2x2 = !nhwc && g.kh == 2 && g.kw == 2 && g.sh == 2 && g.sw == 2 && g.ph == 0 && g.pw == 0 &&
-                       g.dh == 1 && g.dw == 1 && H >= 2 * Hp && W >= 2 * Wp;
+  const bool fast2x2 = is_2x2_stride2(g, Hp, Wp, H, W);
   std::atomic<bool> left_window{false};
   // Band Hp is the tail of rows below the last window.
   const int64_t bands = Hp + 1;
@@ -658,6 +700,24 @@ bool scatter_bands(const scalar_t* src, const void* sw, scalar_t* out, bool nhwc
       scalar_t* band = out + (nhwc ? n * H * W * C : plane * H * W) + r0 * row_elems;
       if (oh == Hp) {
         std::fill(band, band + std::max<int64_t>(0, r1 - r0) * row_elems, scalar_t(0));
+        continue;
+      }
+      if (fast2x2 && nhwc) {
+        bool ok = true;
+        const scalar_t* src_row = src + (n * Hp + oh) * Wp * C;
+        for (int64_t ow = 0; ow < Wp; ++ow) {
+          const int64_t so = ix.offset(n, 0, oh, ow);
+          const void* sw_px = F == SwitchFormat::Flat ? static_cast<const void*>(static_cast<const int64_t*>(sw) + so)
+                                                      : static_cast<const void*>(static_cast<const uint8_t*>(sw) + so);
+          scalar_t* o = band + 2 * ow * C;
+          ok &= scatter_2x2_pixel<scalar_t, F>(src_row + ow * C, sw_px, static_cast<int>(ix.shift(ow)), C,
+                                               2 * oh * W + 2 * ow, W, o, o + C, o + W * C, o + W * C + C);
+        }
+        if (!ok) left_window.store(true);
+        if (W > 2 * Wp) {
+          std::fill(band + 2 * Wp * C, band + W * C, scalar_t(0));
+          std::fill(band + (W + 2 * Wp) * C, band + 2 * W * C, scalar_t(0));
+        }
         continue;
       }
       if (fast2x2) {
@@ -755,16 +815,29 @@ void gather(const scalar_t* grad, const void* sw, scalar_t* out, bool nhwc, int6
     }
     out[o_off] = grad[nhwc ? (n * H * W + p) * C + c : (n * C + c) * H * W + p];
   };
+  const bool fast2x2 = is_2x2_stride2(g, Hp, Wp, H, W);
   if (nhwc) {
     at::parallel_for(0, N * Hp, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r)
-        for (int64_t ow = 0; ow < Wp; ++ow)
-          for (int64_t c = 0; c < C; ++c) gather_one(r / Hp, c, r % Hp, ow);
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t n = r / Hp, oh = r % Hp;
+        for (int64_t ow = 0; ow < Wp; ++ow) {
+          if (fast2x2) {
+            const int64_t so = ix.offset(n, 0, oh, ow);
+            const void* sw_px = F == SwitchFormat::Flat ? static_cast<const void*>(static_cast<const int64_t*>(sw) + so)
+                                                        : static_cast<const void*>(static_cast<const uint8_t*>(sw) + so);
+            const scalar_t* g00 = grad + ((n * H + 2 * oh) * W + 2 * ow) * C;
+            if (gather_2x2_pixel<scalar_t, F>(g00, g00 + C, g00 + W * C, g00 + W * C + C, sw_px,
+                                              static_cast<int>(ix.shift(ow)), C, 2 * oh * W + 2 * ow, W,
+                                              out + ((n * Hp + oh) * Wp + ow) * C))
+              continue;
+          }
+          // Any geometry, or a switch that left its window: element by element (records errors).
+          for (int64_t c = 0; c < C; ++c) gather_one(n, c, oh, ow);
+        }
+      }
     });
     return;
   }
-  const bool fast2x2 = g.kh == 2 && g.kw == 2 && g.sh == 2 && g.sw == 2 && g.ph == 0 && g.pw == 0 && g.dh == 1 &&
-                       g.dw == 1 && H >= 2 * Hp && W >= 2 * Wp;
   at::parallel_for(0, N * C * Hp, std::max<int64_t>(1, 16384 / std::max<int64_t>(Wp, 1)),
                    [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {

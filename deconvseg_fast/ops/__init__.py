@@ -3,6 +3,8 @@
 Importing it loads the compiled extension (which defines the schemas and the CPU/CUDA kernels) and
 adds fake kernels, autograd formulas and the Triton kernels for "cuda".
 """
+import torch  # noqa: F401  (loads libc10/libtorch, which _C links against)
+
 try:
     from deconvseg_fast import _C  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on the build
