@@ -614,49 +614,60 @@ bool is_2x2_stride2(const Geometry& g, int64_t Hp, int64_t Wp, int64_t H, int64_
          H >= 2 * Hp && W >= 2 * Wp;
 }
 
-// Tap (0..3) of a 2x2 stride-2 window's switch, or 4 when a flat switch is not one of its taps.
-// `rel` is the flat switch minus the flat position of the window's top-left tap.
+// Which tap of a 2x2 stride-2 window a switch names, as a key compared against the four taps'
+// keys: for flat switches the offset from the window's top-left tap (taps: 0, 1, W, W + 1; a switch
+// outside the window matches none), for compact ones the code itself (taps: 0..3; a corrupt window
+// code >= 4 matches none). Equality tests, rather than a decoded tap number, and 32-bit keys for the
+// byte formats keep the channel and column loops below vectorisable.
 template <SwitchFormat F>
-inline int tap_2x2(const void* sw, int64_t i, int shift, int64_t rel_base, int64_t W) {
-  if (F == SwitchFormat::Flat) {
-    const int64_t rel = static_cast<const int64_t*>(sw)[i] - rel_base;
-    return rel == 0 ? 0 : rel == 1 ? 1 : rel == W ? 2 : rel == W + 1 ? 3 : 4;
+struct Key2x2 {
+  using type = std::conditional_t<F == SwitchFormat::Flat, int64_t, int32_t>;
+  type t0, t1, t2, t3;
+  explicit Key2x2(int64_t W) : t0(0), t1(1), t2(F == SwitchFormat::Flat ? W : 2), t3(F == SwitchFormat::Flat ? W + 1 : 3) {}
+  inline type at(const void* sw, int64_t i, int shift, int64_t window_origin) const {
+    if constexpr (F == SwitchFormat::Flat) {
+      return static_cast<const int64_t*>(sw)[i] - window_origin;
+    } else {
+      const int32_t code = static_cast<const uint8_t*>(sw)[i];
+      return F == SwitchFormat::Packed ? (code >> shift) & 3 : code;
+    }
   }
-  const int code = static_cast<const uint8_t*>(sw)[i];
-  return F == SwitchFormat::Packed ? (code >> shift) & 3 : code;
-}
+  inline bool none(type d) const { return (d != t0) & (d != t1) & (d != t2) & (d != t3); }
+};
 
 // NHWC, one 2x2 window for all C channels: the four output pixels are written whole, so the
 // channel loop vectorises. `sw` points at this window's C switches (packed: its byte column).
 template <typename scalar_t, SwitchFormat F>
 DSF_MULTIVERSION bool scatter_2x2_pixel(const scalar_t* __restrict src, const void* __restrict sw, int shift, int64_t C,
-                                        int64_t rel_base, int64_t W, scalar_t* __restrict o00, scalar_t* __restrict o01,
+                                        int64_t origin, int64_t W, scalar_t* __restrict o00, scalar_t* __restrict o01,
                                         scalar_t* __restrict o10, scalar_t* __restrict o11) {
-  bool ok = true;
+  const Key2x2<F> key(W);
+  int bad = 0;
   for (int64_t c = 0; c < C; ++c) {
-    const int t = tap_2x2<F>(sw, c, shift, rel_base, W);
-    ok &= t < 4;
+    const auto d = key.at(sw, c, shift, origin);
     const scalar_t v = src[c], z = scalar_t(0);
-    o00[c] = t == 0 ? v : z;
-    o01[c] = t == 1 ? v : z;
-    o10[c] = t == 2 ? v : z;
-    o11[c] = t == 3 ? v : z;
+    o00[c] = d == key.t0 ? v : z;
+    o01[c] = d == key.t1 ? v : z;
+    o10[c] = d == key.t2 ? v : z;
+    o11[c] = d == key.t3 ? v : z;
+    bad |= key.none(d);
   }
-  return ok;
+  return bad == 0;
 }
 
 template <typename scalar_t, SwitchFormat F>
 DSF_MULTIVERSION bool gather_2x2_pixel(const scalar_t* __restrict g00, const scalar_t* __restrict g01,
                                        const scalar_t* __restrict g10, const scalar_t* __restrict g11,
-                                       const void* __restrict sw, int shift, int64_t C, int64_t rel_base, int64_t W,
+                                       const void* __restrict sw, int shift, int64_t C, int64_t origin, int64_t W,
                                        scalar_t* __restrict dst) {
-  bool ok = true;
+  const Key2x2<F> key(W);
+  int bad = 0;
   for (int64_t c = 0; c < C; ++c) {
-    const int t = tap_2x2<F>(sw, c, shift, rel_base, W);
-    ok &= t < 4;
-    dst[c] = t == 0 ? g00[c] : t == 1 ? g01[c] : t == 2 ? g10[c] : g11[c];
+    const auto d = key.at(sw, c, shift, origin);
+    dst[c] = d == key.t0 ? g00[c] : d == key.t1 ? g01[c] : d == key.t2 ? g10[c] : g11[c];
+    bad |= key.none(d);
   }
-  return ok;
+  return bad == 0;
 }
 
 // 2x2 stride-2 NCHW band: rows 2*oh and 2*oh+1 of the output, all four taps written in one pass.
@@ -664,17 +675,18 @@ DSF_MULTIVERSION bool gather_2x2_pixel(const scalar_t* __restrict g00, const sca
 template <typename scalar_t, SwitchFormat F>
 DSF_MULTIVERSION bool scatter_2x2_row(const scalar_t* __restrict src, const void* __restrict sw_row, int64_t n,
                                       int64_t base, int64_t W, scalar_t* __restrict o0, scalar_t* __restrict o1) {
-  bool ok = true;
+  const Key2x2<F> key(W);
+  int bad = 0;
   for (int64_t ow = 0; ow < n; ++ow) {
-    const int t = tap_2x2<F>(sw_row, F == SwitchFormat::Packed ? (ow >> 2) : ow, packed_shift(ow), base + 2 * ow, W);
-    ok &= t < 4;
+    const auto d = key.at(sw_row, F == SwitchFormat::Packed ? (ow >> 2) : ow, packed_shift(ow), base + 2 * ow);
     const scalar_t v = src[ow], z = scalar_t(0);
-    o0[2 * ow] = t == 0 ? v : z;
-    o0[2 * ow + 1] = t == 1 ? v : z;
-    o1[2 * ow] = t == 2 ? v : z;
-    o1[2 * ow + 1] = t == 3 ? v : z;
+    o0[2 * ow] = d == key.t0 ? v : z;
+    o0[2 * ow + 1] = d == key.t1 ? v : z;
+    o1[2 * ow] = d == key.t2 ? v : z;
+    o1[2 * ow + 1] = d == key.t3 ? v : z;
+    bad |= key.none(d);
   }
-  return ok;
+  return bad == 0;
 }
 
 // Non-overlapping windows: pooled row oh owns output rows [oh*sh - ph, (oh+1)*sh - ph); rows past
