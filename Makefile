@@ -1,0 +1,31 @@
+# The README's two commands:  `make bench` (main job)  and  `make test`.
+# Each sets up .venv from scratch on a fresh machine, builds the extension, then runs.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.requirements-installed
+
+.PHONY: install build test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): requirements.txt | $(BIN)/python
+	$(BIN)/python -m pip install -q -r requirements.txt
+	touch $@
+
+# ninja rebuilds only what changed; torch must already be installed, hence no build isolation.
+build: $(STAMP)
+	$(BIN)/python -m pip install -q --no-build-isolation --no-deps -e .
+
+install: build
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/deconvseg-fast bench
+
+clean:
+	rm -rf build *.egg-info deconvseg_fast/_C*.so

@@ -1,0 +1,1 @@
+"""Benchmark suite (not installed; run from a source checkout). See runner.py."""
