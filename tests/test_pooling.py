@@ -377,3 +377,41 @@ def test_unpool_bad_input():
         deconvseg_fast.nn.MaxUnpool2d(3, index_format="packed")
     with pytest.raises(ValueError, match="input"):
         F.max_unpool2d(v.to(torch.int64), i, 2)
+
+
+CACHE_CHECK = """
+import torch, torch.nn.functional as TF
+import deconvseg_fast.functional as F
+ops = torch.ops.deconvseg
+geo = ([2, 2], [2, 2], [0, 0], [1, 1])
+for trial in range(3):
+    x = torch.randn(4, 8, 256, 250, generator=torch.Generator().manual_seed(trial))
+    for fmt in ("flat", "window", "packed"):
+        v, sw = F.max_pool2d(x, 2, return_indices=True, index_format=fmt)
+        v0, i0 = TF.max_pool2d(x, 2, return_indices=True)
+        assert torch.equal(v, v0)
+        u = F.max_unpool2d(v, sw, 2, index_format=fmt)
+        assert torch.equal(u, TF.max_unpool2d(v0, i0, 2))
+        g = ops.max_pool2d_switches_backward(v, sw, [256, 250], *geo, fmt)
+        assert torch.equal(g, u)
+        gu = ops.max_unpool2d_backward(x, sw, [128, 125], *geo, fmt)
+        assert torch.equal(gu, v0)
+        # Poison every output before it is freed: a reused buffer must be overwritten in full.
+        for t in (v, sw, u, g, gu):
+            t.fill_(float("nan") if t.is_floating_point() else 0xAB)
+        del v, sw, u, g, gu
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("cache_mb", ["1024", "0"])
+def test_reused_output_buffers_are_overwritten(cache_mb):
+    # Outputs of 2 MB and more come from a cache of freed buffers (csrc/cpu/huge_pages.h); the
+    # size limit is read once per process, hence a subprocess per setting.
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, DECONVSEG_CPU_CACHE_MB=cache_mb)
+    done = subprocess.run([sys.executable, "-c", CACHE_CHECK], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
