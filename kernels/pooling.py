@@ -283,17 +283,13 @@ def _window_gather_kernel(
 
 
 @triton.jit
-def _check_switches_kernel(
-    sw_ptr,  # [N, C, Hp, Wp] int64 (flat) / uint8 (window), or [N, C, Hp, Wq] uint8 (packed)
-    flag_ptr,  # [1] int32, zero-initialised; receives the max ERR_* class
-    total,  # N * C * Hp * Wq
-    C, Hp, Wp, Wq, H, W, HW,  # (H, W): the plane the switches point into; HW = H * W
-    swn, swc, swh, sww,  # strides of switches
-    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
-    FORMAT: tl.constexpr, PACK: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, BLOCK: tl.constexpr,
-):
+def _switch_lanes(sw_ptr, total, C, Hp, Wp, Wq, H, W, HW, swn, swc, swh, sww,
+                  KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+                  PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+                  FORMAT: tl.constexpr, PACK: tl.constexpr,
+                  CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, BLOCK: tl.constexpr):
+    # This program's BLOCK switch elements as [BLOCK, PACK] pooled lanes (PACK columns share a
+    # packed byte), each decoded to its (h, w) in the H x W plane and an ERR_* class.
     pid = tl.program_id(0).to(tl.int64)
     e = pid * BLOCK + tl.arange(0, BLOCK)
     emask = e < total
@@ -311,7 +307,25 @@ def _check_switches_kernel(
     else:
         s = (raw.to(tl.int32)[:, None] >> (2 * t)[None, :]) & 3
     oh2 = oh[:, None] + tl.zeros([BLOCK, PACK], oh.dtype)
-    _h, _w, err = _decode_switch(s, oh2, ow, H, W, HW, FORMAT, KH, KW, SH, SW, PH, PW, DH, DW)
+    h, w, err = _decode_switch(s, oh2, ow, H, W, HW, FORMAT, KH, KW, SH, SW, PH, PW, DH, DW)
+    return n, c, oh, ow, lane, h, w, err
+
+
+@triton.jit
+def _check_switches_kernel(
+    sw_ptr,  # [N, C, Hp, Wp] int64 (flat) / uint8 (window), or [N, C, Hp, Wq] uint8 (packed)
+    flag_ptr,  # [1] int32, zero-initialised; receives the max ERR_* class
+    total,  # N * C * Hp * Wq
+    C, Hp, Wp, Wq, H, W, HW,  # (H, W): the plane the switches point into; HW = H * W
+    swn, swc, swh, sww,  # strides of switches
+    KH: tl.constexpr, KW: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
+    PH: tl.constexpr, PW: tl.constexpr, DH: tl.constexpr, DW: tl.constexpr,
+    FORMAT: tl.constexpr, PACK: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, BLOCK: tl.constexpr,
+):
+    n, c, oh, ow, lane, h, w, err = _switch_lanes(
+        sw_ptr, total, C, Hp, Wp, Wq, H, W, HW, swn, swc, swh, sww, KH, KW, SH, SW, PH, PW, DH, DW,
+        FORMAT, PACK, CHANNELS_LAST, INDEX_64, BLOCK)
     err = tl.where(lane, err, 0)
     worst = tl.max(tl.max(err, axis=1), axis=0)
     # one atomic per program, and only when something was found
@@ -335,24 +349,9 @@ def _max_unpool2d_backward_kernel(
     CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # A plain gather: the range check is fused in because every switch is read here anyway.
-    pid = tl.program_id(0).to(tl.int64)
-    e = pid * BLOCK + tl.arange(0, BLOCK)
-    emask = e < total
-    if not INDEX_64:
-        e = e.to(tl.int32)
-    n, c, oh, q = _split_index(e, C, Hp, Wq, CHANNELS_LAST)
-    t = tl.arange(0, PACK)
-    ow = q[:, None] * PACK + t[None, :]  # [BLOCK, PACK]
-    lane = emask[:, None] & (ow < Wp)
-    raw = tl.load(sw_ptr + n * swn + c * swc + oh * swh + q * sww, mask=emask, other=0)
-    if FORMAT == 0:
-        s = raw[:, None]
-    elif FORMAT == 1:
-        s = raw.to(tl.int32)[:, None]
-    else:
-        s = (raw.to(tl.int32)[:, None] >> (2 * t)[None, :]) & 3
-    oh2 = oh[:, None] + tl.zeros([BLOCK, PACK], oh.dtype)
-    h, w, err = _decode_switch(s, oh2, ow, H, W, HW, FORMAT, KH, KW, SH, SW, PH, PW, DH, DW)
+    n, c, oh, ow, lane, h, w, err = _switch_lanes(
+        sw_ptr, total, C, Hp, Wp, Wq, H, W, HW, swn, swc, swh, sww, KH, KW, SH, SW, PH, PW, DH, DW,
+        FORMAT, PACK, CHANNELS_LAST, INDEX_64, BLOCK)
     # a flat switch outside its own window is legal here: the gather reads wherever it points
     err = tl.where(lane & (err >= 2), err, 0)
     g_off = (n * sgn + c * sgc)[:, None] + h * sgh + w * sgw

@@ -515,3 +515,26 @@ def test_int64_index_path(monkeypatch, fmt):
     out = tp.max_unpool2d_backward(grad_out.to(DEVICE), switches, (4, 5), *cfg[:4], fmt)
     ref = grad_out.flatten(2).gather(2, ref_i.flatten(2)).view_as(ref_v)
     torch.testing.assert_close(out.cpu(), ref, rtol=0, atol=0)
+
+
+def test_cuda_registration_validates_then_launches():
+    # The functions registered for "cuda" (deconvseg_fast/ops/pooling.py) check arguments like the
+    # CPU op, then call the launchers; run them here on CPU tensors under the interpreter.
+    from deconvseg_fast.ops.pooling import TRITON_LAUNCHERS as L
+
+    x = torch.randn(1, 2, 6, 8, generator=torch.Generator().manual_seed(3))
+    geo = ([2, 2], [2, 2], [0, 0], [1, 1])
+    v, sw = L["max_pool2d_switches"](x, *geo, False, "packed")
+    v0, i0 = F.max_pool2d(x, 2, return_indices=True)
+    assert torch.equal(v, v0)
+    assert torch.equal(L["max_unpool2d"](v, sw, *geo, [6, 8], "packed"), F.max_unpool2d(v0, i0, 2))
+    with pytest.raises(ValueError, match="index_format"):
+        L["max_pool2d_switches"](x, [3, 3], [2, 2], [0, 0], [1, 1], False, "packed")
+    with pytest.raises(ValueError, match="padding"):
+        L["max_pool2d_switches"](x, [2, 2], [2, 2], [2, 2], [1, 1], False, "flat")
+    with pytest.raises(ValueError, match="indices"):
+        L["max_unpool2d"](v, sw[..., :0], *geo, [6, 8], "packed")
+    bad = i0.clone()
+    bad[0, 0, 0, 0] = 48
+    with pytest.raises(RuntimeError, match="indices"):
+        L["max_pool2d_switches_backward"](v0, bad, [6, 8], *geo, "flat")

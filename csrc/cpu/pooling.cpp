@@ -234,10 +234,6 @@ DSF_AVX512 inline void tap_masks(SwitchFormat fmt, const void* sw, int64_t ow, i
   for (int c = 0; c < 4; ++c) k[c] = _mm512_mask_cmpeq_epi32_mask(live, codes, _mm512_set1_epi32(c));
 }
 
-DSF_AVX512 inline void store_row_pair(float* o, int64_t rem, __m512 a, __m512 b) {
-  _mm512_mask_storeu_ps(o, lanes(2 * rem), a);
-  _mm512_mask_storeu_ps(o + 16, lanes(2 * rem - 16 > 0 ? 2 * rem - 16 : 0), b);
-}
 
 // Unpool / pool backward of one pooled row into output rows o0, o1. False when a switch is not a
 // tap of its window (the caller then reruns the plane sequentially, or raises).
@@ -256,7 +252,8 @@ DSF_AVX512 bool scatter_row(const float* src, SwitchFormat fmt, const void* sw, 
     for (int r = 0; r < 2; ++r) {
       const __m512 even = _mm512_maskz_mov_ps(k[2 * r], v), odd = _mm512_maskz_mov_ps(k[2 * r + 1], v);
       float* o = (r == 0 ? o0 : o1) + 2 * ow;
-      store_row_pair(o, rem, _mm512_permutex2var_ps(even, il_lo, odd), _mm512_permutex2var_ps(even, il_hi, odd));
+      _mm512_mask_storeu_ps(o, lanes(2 * rem), _mm512_permutex2var_ps(even, il_lo, odd));
+      _mm512_mask_storeu_ps(o + 16, lanes(2 * rem - 16 > 0 ? 2 * rem - 16 : 0), _mm512_permutex2var_ps(even, il_hi, odd));
     }
   }
   return ok;
