@@ -29,4 +29,13 @@ TORCH_LIBRARY(deconvseg, m) {
       "max_unpool2d_backward(Tensor grad_output, Tensor indices, int[2] input_size, "
       "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, str index_format) "
       "-> Tensor");
+  // features [N, d] float32 (already divided by the standard deviations) -> the permutohedral
+  // lattice of the points: (offsets [N, d+1] int32, weights [N, d+1] float32, neighbors [d+1, M, 2]
+  // int32, vertex_ptr [M+1] int32, splat_pixels [N*(d+1)] int32, splat_weights [N*(d+1)] float32).
+  // See csrc/cpu/crf.cpp.
+  m.def("permutohedral_lattice(Tensor features) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // values [N, C] float32 -> [N, C]: the lattice's Gaussian filter; reverse=True is its transpose.
+  m.def(
+      "permutohedral_filter(Tensor values, Tensor offsets, Tensor weights, Tensor neighbors, "
+      "Tensor vertex_ptr, Tensor splat_pixels, Tensor splat_weights, bool reverse) -> Tensor");
 }

@@ -9,11 +9,15 @@
 """
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 
+from .ops import crf as _crf
 from .ops import pooling as _pooling
 
-__all__ = ["max_pool2d", "max_unpool2d"]
+__all__ = ["max_pool2d", "max_unpool2d", "permutohedral_filter", "dense_crf"]
 
 _ops = torch.ops.deconvseg
 
@@ -119,3 +123,156 @@ def max_unpool2d(
     size = _unpool_output_size(x, g, output_size)
     out = _ops.max_unpool2d.default(x, idx, *g.args(), size, index_format)
     return out.squeeze(0) if squeeze else out
+
+
+# ------------------------------------------------------------------------------------------------
+# Fully connected CRF on the permutohedral lattice
+# ------------------------------------------------------------------------------------------------
+
+NORMALIZATIONS = ("symmetric", "before", "after", "none")
+
+
+def permutohedral_filter(values: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """Gaussian filter of ``values`` [B, C, *spatial] in the space of ``features`` [B, d, *spatial].
+
+    ``features`` are already divided by their standard deviations. Each output point is the sum over
+    all points of exp(-|f_i - f_j|^2 / 2) * value_j, approximated on the permutohedral lattice (the
+    point's own value included). float32 and float64 values; differentiable in ``values``.
+    """
+    for t, name in ((values, "values"), (features, "features")):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() < 3:
+            raise ValueError(f"{name} must be [B, channels, *spatial] with at least one spatial dim, got {t.dim()} dims")
+    if values.shape[0] != features.shape[0] or values.shape[2:] != features.shape[2:]:
+        raise ValueError(
+            f"values {list(values.shape)} and features {list(features.shape)} must share batch and spatial sizes")
+    if values.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"values must be float32 or float64, got {values.dtype}")
+    if not features.is_floating_point():
+        raise ValueError(f"features must be floating point, got {features.dtype}")
+    B, C = values.shape[:2]
+    outs = []
+    for b in range(B):
+        lattice = _crf.Lattice(features[b].reshape(features.shape[1], -1))
+        outs.append(lattice.filter_points(values[b].reshape(C, -1).t()).t().reshape(values.shape[1:]))
+    return torch.stack(outs) if outs else values.clone()
+
+
+def _crf_memory_estimate(n: int, labels: int, itemsize: int) -> int:
+    """Upper bound on the bytes one image's CRF allocates (worst case: every simplex corner a vertex)."""
+    total = 0
+    for d in (2, 5):
+        corners = n * (d + 1)
+        lanes = -(-labels * itemsize // 64) * 64 // itemsize
+        total += corners * (4 + 4 + 4 + 4 + 4 * d)  # offsets, weights, splat lists, build-time keys
+        total += corners * 2 * 4 + 2 * (corners + 1) * lanes * itemsize  # neighbours per axis, blur buffers
+    return total + 8 * n * labels * itemsize  # Q, logits, messages, autograd copies
+
+
+def _available_memory() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 1 << 62
+
+
+def _positive(value, name: str) -> float:
+    v = float(value)
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return v
+
+
+def dense_crf(
+    unary: torch.Tensor,
+    image: torch.Tensor,
+    *,
+    iterations: int = 10,
+    gaussian_sxy: float = 3.0,
+    gaussian_weight=3.0,
+    bilateral_sxy: float = 80.0,
+    bilateral_srgb: float = 13.0,
+    bilateral_weight=10.0,
+    compat: torch.Tensor | None = None,
+    normalization: str = "symmetric",
+) -> torch.Tensor:
+    """Mean-field inference of a fully connected CRF (Krähenbühl & Koltun 2011), batched.
+
+    unary: [B, L, H, W] logits (higher = more likely); image: [B, 3, H, W], uint8 or float in 0..255.
+    Two Gaussian edge potentials: an appearance-free one over (x, y) / gaussian_sxy and a bilateral
+    one over (x, y) / bilateral_sxy and (r, g, b) / bilateral_srgb, weighted by gaussian_weight and
+    bilateral_weight (floats, or 0-d tensors that may require grad). compat: None for Potts, or an
+    [L, L] label-compatibility (penalty) matrix mu, so that Potts is mu = 1 - I. Returns Q, the
+    marginals [B, L, H, W]; differentiable in unary, the weights and compat.
+    """
+    if not isinstance(unary, torch.Tensor) or not isinstance(image, torch.Tensor):
+        raise TypeError("unary and image must be torch.Tensors")
+    if unary.dim() != 4:
+        raise ValueError(f"unary must be a 4-D [B, L, H, W] tensor, got {unary.dim()} dims")
+    if image.dim() != 4 or image.shape[1] != 3:
+        raise ValueError(f"image must be a [B, 3, H, W] tensor, got {list(image.shape)}")
+    B, L, H, W = unary.shape
+    if image.shape[0] != B or image.shape[2:] != unary.shape[2:]:
+        raise ValueError(
+            f"image {list(image.shape)} must match unary {list(unary.shape)} in batch size, height and width")
+    if unary.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"unary must be float32 or float64, got {unary.dtype}")
+    if image.dtype != torch.uint8 and not image.is_floating_point():
+        raise ValueError(f"image must be uint8 or floating point in 0..255, got {image.dtype}")
+    if L < 1 or H < 1 or W < 1:
+        raise ValueError(f"unary must have at least one label and one pixel, got {list(unary.shape)}")
+    if not torch.isfinite(unary).all():
+        raise ValueError("unary must be finite (found NaN or Inf)")
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
+        raise ValueError(f"iterations must be a non-negative int, got {iterations!r}")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    sg = _positive(gaussian_sxy, "gaussian_sxy")
+    sb = _positive(bilateral_sxy, "bilateral_sxy")
+    sc = _positive(bilateral_srgb, "bilateral_srgb")
+    if compat is not None:
+        if not isinstance(compat, torch.Tensor) or tuple(compat.shape) != (L, L):
+            raise ValueError(f"compat must be None (Potts) or an [L, L] = [{L}, {L}] tensor, got "
+                             f"{list(compat.shape) if isinstance(compat, torch.Tensor) else type(compat).__name__}")
+    need = _crf_memory_estimate(H * W, L, unary.element_size())
+    if need > _available_memory():
+        raise MemoryError(f"unary of size {list(unary.shape)}: the CRF of one image may need up to "
+                          f"{need / 2**30:.1f} GiB, more than the {_available_memory() / 2**30:.1f} GiB available")
+
+    if B == 0:
+        return torch.softmax(unary, 1)
+    dtype = unary.dtype
+    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+    xs, ys = xs.reshape(-1), ys.reshape(-1)
+    gaussian = _crf.Lattice(torch.stack([xs / sg, ys / sg]))  # the same for every image
+    g_norm = _crf_norm(gaussian, H * W, normalization, dtype)
+    out = []
+    for b in range(B):
+        rgb = image[b].reshape(3, -1).to(torch.float32)
+        bilateral = _crf.Lattice(torch.cat([torch.stack([xs / sb, ys / sb]), rgb / sc]))
+        kernels = [(gaussian, g_norm, gaussian_weight),
+                   (bilateral, _crf_norm(bilateral, H * W, normalization, dtype), bilateral_weight)]
+        logits = unary[b].reshape(L, -1).t()  # [N, L]: the kernels' point-major layout
+        q = torch.softmax(logits, dim=1)
+        for _ in range(iterations):
+            message = sum(w * _crf_apply(lat, norm, normalization, q) for lat, norm, w in kernels)
+            q = torch.softmax(logits + message if compat is None else logits - message @ compat.to(dtype).t(), dim=1)
+        out.append(q.t().reshape(L, H, W))
+    return torch.stack(out)
+
+
+def _crf_norm(lattice, n: int, normalization: str, dtype) -> torch.Tensor | None:
+    # densecrf's DenseKernel normalisation, from the filter response to a constant image.
+    if normalization == "none":
+        return None
+    ones = torch.ones(n, 1, dtype=dtype)
+    response = lattice.filter_points(ones)
+    return (response + 1e-20).rsqrt() if normalization == "symmetric" else 1.0 / (response + 1e-20)
+
+
+def _crf_apply(lattice, norm, normalization: str, q: torch.Tensor) -> torch.Tensor:
+    if normalization in ("symmetric", "before"):
+        q = q * norm
+    filtered = lattice.filter_points(q)
+    return filtered * norm if normalization in ("symmetric", "after") else filtered

@@ -27,19 +27,13 @@
 
 #include "huge_pages.h"
 #include "pooling_geometry.h"
+#include "simd.h"
 
 namespace deconvseg {
 namespace {
 
 using at::Tensor;
 
-// Several functions are compiled for AVX-512, AVX2 and baseline x86-64 and picked at load time, so
-// one build runs everywhere and still uses the widest vectors the machine has.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DSF_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define DSF_MULTIVERSION
-#endif
 
 struct Geometry {
   int64_t kh, kw, sh, sw, ph, pw, dh, dw;

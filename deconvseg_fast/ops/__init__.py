@@ -14,4 +14,4 @@ except ImportError as exc:  # pragma: no cover - depends on the build
         "(or `make install`, which also creates the virtual environment)."
     ) from exc
 
-from . import pooling  # noqa: F401,E402
+from . import crf, pooling  # noqa: F401,E402

@@ -1,0 +1,92 @@
+// Permutohedral-lattice math (Adams, Baek & Davis 2010; the variant in Krähenbühl & Koltun's dense
+// CRF code): elevating a d-dimensional feature onto the hyperplane of the (d+1)-dimensional lattice,
+// finding its enclosing simplex and its barycentric weights. __host__ __device__ so the CPU tests
+// cover the code a GPU build runs. All arithmetic is float32, as in the reference implementation,
+// so the simplices chosen agree with it point for point.
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define DSF_HD __host__ __device__ __forceinline__
+#else
+#define DSF_HD inline
+#endif
+
+namespace deconvseg {
+namespace lattice {
+
+// Largest feature dimension the fixed-size scratch arrays below support.
+constexpr int kMaxDim = 32;
+
+// Scale of feature axis i (0-based): the lattice's unit spacing then corresponds to a Gaussian of
+// standard deviation 1 in feature space.
+DSF_HD float axis_scale(int i, int d) {
+  // Rounded to float in two steps, as the reference implementation does, so scales agree bit for bit.
+  const float inv_std = static_cast<float>(sqrt(2.0 / 3.0) * (d + 1));
+  return static_cast<float>(1.0 / sqrt(static_cast<double>((i + 2) * (i + 1))) * inv_std);
+}
+
+// The simplex enclosing feature f[0..d): for each of its d+1 vertices (remainder r = 0..d), the
+// first d lattice coordinates key[r*d .. r*d+d) and the barycentric weight bary[r].
+DSF_HD void enclosing_simplex(const float* f, int d, const float* scale, int32_t* key, float* bary) {
+  float elevated[kMaxDim + 1];
+  int32_t rem0[kMaxDim + 1];
+  int32_t rank[kMaxDim + 1];
+  float b[kMaxDim + 2];
+  // Elevate: y = E f, with the coordinates summing to zero.
+  float sm = 0.f;
+  for (int j = d; j > 0; --j) {
+    const float cf = f[j - 1] * scale[j - 1];
+    elevated[j] = sm - static_cast<float>(j) * cf;
+    sm += cf;
+  }
+  elevated[0] = sm;
+  // Nearest remainder-0 lattice point, by rounding each coordinate to a multiple of d+1.
+  const float down = 1.0f / static_cast<float>(d + 1);
+  const float up = static_cast<float>(d + 1);
+  int32_t sum = 0;
+  for (int i = 0; i <= d; ++i) {
+    const int32_t rd = static_cast<int32_t>(roundf(down * elevated[i]));
+    rem0[i] = static_cast<int32_t>(static_cast<float>(rd) * up);
+    sum += rd;
+    rank[i] = 0;
+  }
+  // Rank of each coordinate's residual: which simplex of the cell the point lies in.
+  for (int i = 0; i < d; ++i) {
+    const double di = elevated[i] - rem0[i];
+    for (int j = i + 1; j <= d; ++j) {
+      if (di < elevated[j] - rem0[j]) ++rank[i];
+      else ++rank[j];
+    }
+  }
+  // The rounded point may be off the hyperplane (coordinates not summing to 0): walk it back.
+  for (int i = 0; i <= d; ++i) {
+    rank[i] += sum;
+    if (rank[i] < 0) {
+      rank[i] += d + 1;
+      rem0[i] += d + 1;
+    } else if (rank[i] > d) {
+      rank[i] -= d + 1;
+      rem0[i] -= d + 1;
+    }
+  }
+  for (int i = 0; i <= d + 1; ++i) b[i] = 0.f;
+  for (int i = 0; i <= d; ++i) {
+    const float v = (elevated[i] - rem0[i]) * down;
+    b[d - rank[i]] += v;
+    b[d - rank[i] + 1] -= v;
+  }
+  b[0] += 1.0f + b[d + 1];
+  // Vertex r of the simplex is rem0 + the canonical offset of remainder r, read through rank.
+  for (int r = 0; r <= d; ++r) {
+    for (int i = 0; i < d; ++i) key[r * d + i] = rem0[i] + (rank[i] <= d - r ? r : r - (d + 1));
+    bary[r] = b[r];
+  }
+}
+
+// The lattice filter's normalising constant for dimension d (from the reference implementation).
+DSF_HD float slice_alpha(int d) { return 1.0f / (1.0f + powf(2.0f, -static_cast<float>(d))); }
+
+}  // namespace lattice
+}  // namespace deconvseg
