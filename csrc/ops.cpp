@@ -38,4 +38,9 @@ TORCH_LIBRARY(deconvseg, m) {
   m.def(
       "permutohedral_filter(Tensor values, Tensor offsets, Tensor weights, Tensor neighbors, "
       "Tensor vertex_ptr, Tensor splat_pixels, Tensor splat_weights, bool reverse) -> Tensor");
+  // Mean-field inference (no autograd) with K kernels: logits [N, L] float32, 6 lattice tensors per
+  // kernel, pre/post [K, N] normalisation, compat [K, L, L] subtracted from the logits -> Q [N, L].
+  m.def(
+      "dense_crf_mean_field(Tensor logits, Tensor[] lattices, Tensor pre, Tensor post, Tensor compat, "
+      "int iterations) -> Tensor");
 }

@@ -243,23 +243,61 @@ def dense_crf(
     if B == 0:
         return torch.softmax(unary, 1)
     dtype = unary.dtype
-    ys, xs = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
-    xs, ys = xs.reshape(-1), ys.reshape(-1)
-    gaussian = _crf.Lattice(torch.stack([xs / sg, ys / sg]))  # the same for every image
+    gaussian, xs, ys = _xy_lattice(H, W, sg)
     g_norm = _crf_norm(gaussian, H * W, normalization, dtype)
+    weights = (gaussian_weight, bilateral_weight)
+    tensors = [unary, gaussian_weight, bilateral_weight, compat]
+    needs_grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
     out = []
     for b in range(B):
         rgb = image[b].reshape(3, -1).to(torch.float32)
         bilateral = _crf.Lattice(torch.cat([torch.stack([xs / sb, ys / sb]), rgb / sc]))
-        kernels = [(gaussian, g_norm, gaussian_weight),
-                   (bilateral, _crf_norm(bilateral, H * W, normalization, dtype), bilateral_weight)]
+        lattices = (gaussian, bilateral)
+        norms = (g_norm, _crf_norm(bilateral, H * W, normalization, dtype))
         logits = unary[b].reshape(L, -1).t()  # [N, L]: the kernels' point-major layout
-        q = torch.softmax(logits, dim=1)
-        for _ in range(iterations):
-            message = sum(w * _crf_apply(lat, norm, normalization, q) for lat, norm, w in kernels)
-            q = torch.softmax(logits + message if compat is None else logits - message @ compat.to(dtype).t(), dim=1)
+        if needs_grad or dtype != torch.float32:
+            q = _mean_field_composed(logits, lattices, norms, weights, compat, normalization, iterations)
+        else:
+            q = _mean_field_fused(logits, lattices, norms, weights, compat, normalization, iterations)
         out.append(q.t().reshape(L, H, W))
     return torch.stack(out)
+
+
+_XY_LATTICES: dict = {}
+
+
+def _xy_lattice(h: int, w: int, sxy: float):
+    """The appearance-free (x, y) / sxy lattice depends only on the image size: keep the last two."""
+    key = (h, w, sxy)
+    if key not in _XY_LATTICES:
+        ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                                indexing="ij")
+        xs, ys = xs.reshape(-1), ys.reshape(-1)
+        _XY_LATTICES[key] = (_crf.Lattice(torch.stack([xs / sxy, ys / sxy])), xs, ys)
+        while len(_XY_LATTICES) > 2:
+            _XY_LATTICES.pop(next(iter(_XY_LATTICES)))
+    return _XY_LATTICES[key]
+
+
+def _mean_field_composed(logits, lattices, norms, weights, compat, normalization, iterations):
+    # Differentiable: every step is a torch op or the filter op (whose backward is its transpose).
+    q = torch.softmax(logits, dim=1)
+    for _ in range(iterations):
+        message = sum(w * _crf_apply(lat, norm, normalization, q) for lat, norm, w in zip(lattices, norms, weights))
+        q = torch.softmax(logits + message if compat is None else logits - message @ compat.to(logits.dtype).t(), dim=1)
+    return q
+
+
+def _mean_field_fused(logits, lattices, norms, weights, compat, normalization, iterations):
+    # Inference only: one C++ call runs every iteration (slice, compatibility, softmax fused).
+    n, labels = logits.shape
+    ones = torch.ones(n)
+    pre = torch.stack([norm.view(-1) if normalization in ("symmetric", "before") else ones for norm in norms])
+    post = torch.stack([norm.view(-1) if normalization in ("symmetric", "after") else ones for norm in norms])
+    eye = torch.eye(labels)
+    mats = [float(w) * (compat.detach().float() if compat is not None else -eye) for w in weights]
+    flat = [t for lat in lattices for t in lat.tensors]
+    return _crf._ops.dense_crf_mean_field.default(logits.contiguous(), flat, pre, post, torch.stack(mats), iterations)
 
 
 def _crf_norm(lattice, n: int, normalization: str, dtype) -> torch.Tensor | None:

@@ -255,3 +255,16 @@ def test_lattice_bad_input():
         dnn.DenseCRF(0)
     with pytest.raises(ValueError, match="labels"):
         dnn.DenseCRF(3)(torch.randn(1, 2, 4, 4), torch.zeros(1, 3, 4, 4))
+
+
+@pytest.mark.parametrize("normalization", ["symmetric", "before", "after", "none"])
+@pytest.mark.parametrize("use_compat", [False, True])
+def test_fused_inference_equals_the_differentiable_path(normalization, use_compat):
+    # Without gradients dense_crf runs one fused C++ op; with them it composes the filter op.
+    # They differ only in float rounding (the fused softmax uses its own exp, rel. error < 2e-7).
+    unary, img = scene(11, 13, labels=5, batch=2)
+    compat = torch.rand(5, 5, generator=torch.Generator().manual_seed(0)) if use_compat else None
+    kw = dict(iterations=5, normalization=normalization, compat=compat)
+    fused = F.dense_crf(unary, img, **kw)
+    composed = F.dense_crf(unary.clone().requires_grad_(), img, **kw)
+    torch.testing.assert_close(fused, composed.detach(), rtol=1e-5, atol=1e-5)

@@ -162,8 +162,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> permutohedral_lattice
   return {offsets, weights, neighbors, vertex_ptr, splat_pixels, splat_weights};
 }
 
-void check_lattice(const Tensor& offsets, const Tensor& weights, const Tensor& neighbors, const Tensor& vertex_ptr,
-                   const Tensor& splat_pixels, const Tensor& splat_weights) {
+// A lattice's tensors, validated and made contiguous, as raw pointers.
+struct LatticeView {
+  int64_t N = 0, M = 0, D1 = 0;
+  const int32_t *off = nullptr, *nb = nullptr, *ptr = nullptr, *pix = nullptr;
+  const float *w = nullptr, *sw = nullptr;
+  std::vector<Tensor> keep;  // owns the contiguous copies
+};
+
+LatticeView view_lattice(const Tensor& offsets, const Tensor& weights, const Tensor& neighbors,
+                         const Tensor& vertex_ptr, const Tensor& splat_pixels, const Tensor& splat_weights) {
   TORCH_CHECK_VALUE(offsets.dim() == 2 && offsets.scalar_type() == at::kInt, "offsets must be an int32 [N, d+1] tensor");
   TORCH_CHECK_VALUE(weights.sizes() == offsets.sizes() && weights.scalar_type() == at::kFloat,
                     "weights must be a float32 tensor shaped like offsets");
@@ -179,6 +187,23 @@ void check_lattice(const Tensor& offsets, const Tensor& weights, const Tensor& n
                     "splat_pixels must be an int32 [N*(d+1)] tensor");
   TORCH_CHECK_VALUE(splat_weights.sizes() == splat_pixels.sizes() && splat_weights.scalar_type() == at::kFloat,
                     "splat_weights must be a float32 tensor shaped like splat_pixels");
+  LatticeView L;
+  L.N = offsets.size(0);
+  L.M = M;
+  L.D1 = D1;
+  L.keep = {offsets.contiguous(), weights.contiguous(), neighbors.contiguous(), vertex_ptr.contiguous(),
+            splat_pixels.contiguous(), splat_weights.contiguous()};
+  L.off = L.keep[0].const_data_ptr<int32_t>();
+  L.w = L.keep[1].const_data_ptr<float>();
+  L.nb = L.keep[2].const_data_ptr<int32_t>();
+  L.ptr = L.keep[3].const_data_ptr<int32_t>();
+  L.pix = L.keep[4].const_data_ptr<int32_t>();
+  L.sw = L.keep[5].const_data_ptr<float>();
+  // Lattice tensors are ordinary op inputs: make sure the CSR lists stay inside their arrays
+  // (pixel and neighbour indices are checked where they are read).
+  TORCH_CHECK_VALUE(L.ptr[0] == 0 && L.ptr[M] == L.N * D1, "vertex_ptr does not describe splat_pixels");
+  for (int64_t v = 0; v < M; ++v) TORCH_CHECK_VALUE(L.ptr[v] <= L.ptr[v + 1], "vertex_ptr must be non-decreasing");
+  return L;
 }
 
 // Channels are processed in blocks of kLanes floats (one AVX-512 register): buffers are padded to
@@ -187,20 +212,32 @@ void check_lattice(const Tensor& offsets, const Tensor& weights, const Tensor& n
 template <typename T>
 constexpr int64_t kLanes = 64 / sizeof(T);
 
-// Splat vertices [begin, end): buf[v+1] = sum over the vertex's entries of weight * in[pixel].
 template <typename T>
-DSF_MULTIVERSION void splat_range(const T* __restrict in, const int32_t* __restrict ptr,
+int64_t padded(int64_t c) { return (c + kLanes<T> - 1) / kLanes<T> * kLanes<T>; }
+
+// Splat vertices [begin, end): buf[v+1] = sum over the vertex's entries of weight * (scale[pixel] *
+// in[pixel]); scale may be null. The product order is the reference implementation's (it scales the
+// values first, then splats).
+template <typename T>
+DSF_MULTIVERSION void splat_range(const T* __restrict in, const T* __restrict scale, const int32_t* __restrict ptr,
                                   const int32_t* __restrict pix, const float* __restrict pw, int64_t Cp,
                                   int64_t N, int64_t begin, int64_t end, T* __restrict buf, bool* bad) {
   for (int64_t v = begin; v < end; ++v) {
     T* acc = buf + (v + 1) * Cp;
+    for (int64_t c = 0; c < Cp; ++c) acc[c] = T(0);
     for (int32_t k = ptr[v]; k < ptr[v + 1]; ++k) {
       const int32_t p = pix[k];
       if (p < 0 || p >= N) { *bad = true; continue; }
       const T we = pw[k];
+      const T s = scale ? scale[p] : T(1);
       const T* src = in + p * Cp;
-      for (int64_t c0 = 0; c0 < Cp; c0 += kLanes<T>)
-        for (int64_t c = c0; c < c0 + kLanes<T>; ++c) acc[c] += we * src[c];
+      if (scale) {
+        for (int64_t c0 = 0; c0 < Cp; c0 += kLanes<T>)
+          for (int64_t c = c0; c < c0 + kLanes<T>; ++c) acc[c] += we * (s * src[c]);
+      } else {
+        for (int64_t c0 = 0; c0 < Cp; c0 += kLanes<T>)
+          for (int64_t c = c0; c < c0 + kLanes<T>; ++c) acc[c] += we * src[c];
+      }
     }
   }
 }
@@ -221,23 +258,27 @@ DSF_MULTIVERSION void blur_range(const T* __restrict src, const int32_t* __restr
   }
 }
 
-// Slice pixels [begin, end): out[i] = sum over the simplex corners of (weight * buf[vertex+1]) * alpha.
+// out[0:Cp] = sum over pixel i's simplex corners of (weight * buf[vertex+1]) * alpha.
 template <typename T>
-DSF_MULTIVERSION void slice_range(const T* __restrict buf, const int32_t* __restrict off,
-                                  const float* __restrict w, int64_t D1, int64_t Cp, int64_t M, T alpha,
-                                  int64_t begin, int64_t end, T* __restrict out, bool* bad) {
-  for (int64_t i = begin; i < end; ++i) {
-    T* dst = out + i * Cp;
-    for (int64_t c = 0; c < Cp; ++c) dst[c] = T(0);
-    for (int64_t r = 0; r < D1; ++r) {
-      const int64_t vtx = off[i * D1 + r];
-      if (vtx < 0 || vtx >= M) { *bad = true; continue; }
-      const T we = w[i * D1 + r];
-      const T* src = buf + (vtx + 1) * Cp;
-      for (int64_t c0 = 0; c0 < Cp; c0 += kLanes<T>)
-        for (int64_t c = c0; c < c0 + kLanes<T>; ++c) dst[c] += we * src[c] * alpha;
-    }
+inline bool slice_one(const T* __restrict buf, const LatticeView& L, int64_t i, int64_t Cp, T alpha, T* __restrict out) {
+  bool ok = true;
+  for (int64_t c = 0; c < Cp; ++c) out[c] = T(0);
+  for (int64_t r = 0; r < L.D1; ++r) {
+    const int64_t vtx = L.off[i * L.D1 + r];
+    if (vtx < 0 || vtx >= L.M) { ok = false; continue; }
+    const T we = L.w[i * L.D1 + r];
+    const T* src = buf + (vtx + 1) * Cp;
+    for (int64_t c0 = 0; c0 < Cp; c0 += kLanes<T>)
+      for (int64_t c = c0; c < c0 + kLanes<T>; ++c) out[c] += we * src[c] * alpha;
   }
+  return ok;
+}
+
+template <typename T>
+DSF_MULTIVERSION void slice_range(const T* __restrict buf, const LatticeView& L, int64_t Cp, T alpha, int64_t begin,
+                                  int64_t end, T* __restrict out, bool* bad) {
+  for (int64_t i = begin; i < end; ++i)
+    if (!slice_one(buf, L, i, Cp, alpha, out + i * Cp)) *bad = true;
 }
 
 // Runs fn(begin, end, &bad) over [0, n) in parallel; true if any chunk flagged bad.
@@ -252,86 +293,218 @@ bool parallel_checked(int64_t n, int64_t grain, const F& fn) {
   return any.load();
 }
 
-// values [N, C] -> [N, C]: alpha * slice(blur(splat(values))), computed in T (float or double).
+// Splat `in` [N, Cp] (times scale[N], if given) and blur it along every axis; a and b are [M+1, Cp]
+// buffers with row 0 zero (the "no neighbour" row). Returns the buffer that holds the result.
 template <typename T>
-Tensor filter_impl(const Tensor& values_in, const Tensor& offsets, const Tensor& weights, const Tensor& neighbors,
-                   const Tensor& vertex_ptr, const Tensor& splat_pixels, const Tensor& splat_weights, bool reverse) {
-  const int64_t N = values_in.size(0), C = values_in.size(1);
-  const int64_t D1 = offsets.size(1), M = neighbors.size(1);
-  const int d = static_cast<int>(D1 - 1);
-  const auto dtype = values_in.scalar_type();
-  const int64_t Cp = (C + kLanes<T> - 1) / kLanes<T> * kLanes<T>;
-  auto alloc = [&](int64_t rows, int64_t cols) { return empty_output({rows, cols}, dtype, at::MemoryFormat::Contiguous); };
-  // Copies rows of `from` (from_cols wide) into `to` (to_cols wide), zero-filling extra columns.
-  auto copy_rows = [&](const T* from, int64_t from_cols, T* to, int64_t to_cols) {
-    const int64_t n = std::min(from_cols, to_cols);
-    at::parallel_for(0, N, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        std::memcpy(to + i * to_cols, from + i * from_cols, n * sizeof(T));
-        if (to_cols > n) std::memset(to + i * to_cols + n, 0, (to_cols - n) * sizeof(T));
-      }
-    });
-  };
-  // Padded copy of the values; the padding columns are zero and are dropped at the end.
-  const Tensor values = values_in.contiguous();
-  Tensor in = values;
-  if (Cp != C) {
-    in = alloc(N, Cp);
-    copy_rows(values.const_data_ptr<T>(), C, in.mutable_data_ptr<T>(), Cp);
-  }
-  // Two [M+1, Cp] buffers; row 0 stays zero and stands for "no neighbour".
-  Tensor buf_a = alloc(M + 1, Cp), buf_b = alloc(M + 1, Cp);
-  T* a = buf_a.mutable_data_ptr<T>();
-  T* b = buf_b.mutable_data_ptr<T>();
-  std::memset(a, 0, (M + 1) * Cp * sizeof(T));
-  std::memset(b, 0, Cp * sizeof(T));
-
-  bool bad = parallel_checked(M, 256, [&](int64_t begin, int64_t end, bool* flag) {
-    splat_range<T>(in.const_data_ptr<T>(), vertex_ptr.const_data_ptr<int32_t>(), splat_pixels.const_data_ptr<int32_t>(),
-                   splat_weights.const_data_ptr<float>(), Cp, N, begin, end, a, flag);
+T* splat_blur(const LatticeView& L, const T* in, const T* scale, int64_t Cp, bool reverse, T* a, T* b) {
+  const int d = static_cast<int>(L.D1 - 1);
+  bool bad = parallel_checked(L.M, 256, [&](int64_t begin, int64_t end, bool* flag) {
+    splat_range<T>(in, scale, L.ptr, L.pix, L.sw, Cp, L.N, begin, end, a, flag);
   });
   TORCH_CHECK_VALUE(!bad, "splat_pixels hold out-of-range pixels");
   for (int step = 0; step <= d; ++step) {
     const int j = reverse ? d - step : step;
-    const int32_t* nbj = neighbors.const_data_ptr<int32_t>() + static_cast<int64_t>(j) * M * 2;
-    bad = parallel_checked(M, 256, [&](int64_t begin, int64_t end, bool* flag) {
-      blur_range<T>(a, nbj, Cp, M, begin, end, b, flag);
+    const int32_t* nbj = L.nb + static_cast<int64_t>(j) * L.M * 2;
+    bad = parallel_checked(L.M, 256, [&](int64_t begin, int64_t end, bool* flag) {
+      blur_range<T>(a, nbj, Cp, L.M, begin, end, b, flag);
     });
     TORCH_CHECK_VALUE(!bad, "neighbors hold out-of-range vertices");
     std::swap(a, b);
   }
-  Tensor out_p = alloc(N, Cp);
-  bad = parallel_checked(N, 256, [&](int64_t begin, int64_t end, bool* flag) {
-    slice_range<T>(a, offsets.const_data_ptr<int32_t>(), weights.const_data_ptr<float>(), D1, Cp, M,
-                   static_cast<T>(lattice::slice_alpha(d)), begin, end, out_p.mutable_data_ptr<T>(), flag);
+  return a;
+}
+
+// Vertex buffers for one lattice: [M+1, Cp] twice, row 0 zero.
+template <typename T>
+struct VertexBuffers {
+  Tensor a, b;
+  VertexBuffers(const LatticeView& L, int64_t Cp, at::ScalarType dtype) {
+    a = empty_output({L.M + 1, Cp}, dtype, at::MemoryFormat::Contiguous);
+    b = empty_output({L.M + 1, Cp}, dtype, at::MemoryFormat::Contiguous);
+    std::memset(a.mutable_data_ptr<T>(), 0, Cp * sizeof(T));
+    std::memset(b.mutable_data_ptr<T>(), 0, Cp * sizeof(T));
+  }
+  T* pa() { return a.mutable_data_ptr<T>(); }
+  T* pb() { return b.mutable_data_ptr<T>(); }
+};
+
+// Copies N rows of `from` (from_cols wide) into `to` (to_cols wide), zero-filling extra columns.
+template <typename T>
+void copy_rows(const T* from, int64_t from_cols, T* to, int64_t to_cols, int64_t N) {
+  const int64_t n = std::min(from_cols, to_cols);
+  at::parallel_for(0, N, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      std::memcpy(to + i * to_cols, from + i * from_cols, n * sizeof(T));
+      if (to_cols > n) std::memset(to + i * to_cols + n, 0, (to_cols - n) * sizeof(T));
+    }
+  });
+}
+
+// values [N, C] -> [N, C]: alpha * slice(blur(splat(values))), computed in T (float or double).
+template <typename T>
+Tensor filter_impl(const Tensor& values_in, const LatticeView& L, bool reverse) {
+  const int64_t N = values_in.size(0), C = values_in.size(1), Cp = padded<T>(C);
+  const auto dtype = values_in.scalar_type();
+  const Tensor values = values_in.contiguous();
+  // Padded copy of the values; the padding columns are zero and are dropped at the end.
+  Tensor in = values;
+  if (Cp != C) {
+    in = empty_output({N, Cp}, dtype, at::MemoryFormat::Contiguous);
+    copy_rows<T>(values.const_data_ptr<T>(), C, in.mutable_data_ptr<T>(), Cp, N);
+  }
+  VertexBuffers<T> bufs(L, Cp, dtype);
+  const T* blurred = splat_blur<T>(L, in.const_data_ptr<T>(), nullptr, Cp, reverse, bufs.pa(), bufs.pb());
+  Tensor out_p = empty_output({N, Cp}, dtype, at::MemoryFormat::Contiguous);
+  const T alpha = static_cast<T>(lattice::slice_alpha(static_cast<int>(L.D1 - 1)));
+  const bool bad = parallel_checked(N, 256, [&](int64_t begin, int64_t end, bool* flag) {
+    slice_range<T>(blurred, L, Cp, alpha, begin, end, out_p.mutable_data_ptr<T>(), flag);
   });
   TORCH_CHECK_VALUE(!bad, "offsets hold out-of-range vertices");
   if (Cp == C) return out_p;
-  Tensor out = alloc(N, C);
-  copy_rows(out_p.const_data_ptr<T>(), Cp, out.mutable_data_ptr<T>(), C);
+  Tensor out = empty_output({N, C}, dtype, at::MemoryFormat::Contiguous);
+  copy_rows<T>(out_p.const_data_ptr<T>(), Cp, out.mutable_data_ptr<T>(), C, N);
   return out;
 }
 
-Tensor permutohedral_filter_cpu(const Tensor& values, const Tensor& offsets_in, const Tensor& weights_in,
-                                const Tensor& neighbors_in, const Tensor& vertex_ptr_in, const Tensor& splat_pixels_in,
-                                const Tensor& splat_weights_in, bool reverse) {
-  check_lattice(offsets_in, weights_in, neighbors_in, vertex_ptr_in, splat_pixels_in, splat_weights_in);
-  TORCH_CHECK_VALUE(values.dim() == 2 && values.size(0) == offsets_in.size(0),
-                    "values must be a [N, C] tensor with N = ", offsets_in.size(0), " points, got ", values.sizes());
+Tensor permutohedral_filter_cpu(const Tensor& values, const Tensor& offsets, const Tensor& weights,
+                                const Tensor& neighbors, const Tensor& vertex_ptr, const Tensor& splat_pixels,
+                                const Tensor& splat_weights, bool reverse) {
+  const LatticeView L = view_lattice(offsets, weights, neighbors, vertex_ptr, splat_pixels, splat_weights);
+  TORCH_CHECK_VALUE(values.dim() == 2 && values.size(0) == L.N, "values must be a [N, C] tensor with N = ", L.N,
+                    " points, got ", values.sizes());
   TORCH_CHECK_VALUE(values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble,
                     "values must be float32 or float64, got ", values.scalar_type());
-  const int64_t N = values.size(0), M = neighbors_in.size(1);
   if (values.numel() == 0) return empty_output(values.sizes(), values.scalar_type(), at::MemoryFormat::Contiguous);
-  const Tensor offsets = offsets_in.contiguous(), weights = weights_in.contiguous(),
-               neighbors = neighbors_in.contiguous(), vertex_ptr = vertex_ptr_in.contiguous(),
-               splat_pixels = splat_pixels_in.contiguous(), splat_weights = splat_weights_in.contiguous();
-  // Lattice tensors are ordinary op inputs: make sure the CSR lists stay inside their arrays.
-  const int32_t* ptr = vertex_ptr.const_data_ptr<int32_t>();
-  TORCH_CHECK_VALUE(ptr[0] == 0 && ptr[M] == N * offsets.size(1), "vertex_ptr does not describe splat_pixels");
-  for (int64_t v = 0; v < M; ++v) TORCH_CHECK_VALUE(ptr[v] <= ptr[v + 1], "vertex_ptr must be non-decreasing");
-  if (values.scalar_type() == at::kDouble)
-    return filter_impl<double>(values, offsets, weights, neighbors, vertex_ptr, splat_pixels, splat_weights, reverse);
-  return filter_impl<float>(values, offsets, weights, neighbors, vertex_ptr, splat_pixels, splat_weights, reverse);
+  if (values.scalar_type() == at::kDouble) return filter_impl<double>(values, L, reverse);
+  return filter_impl<float>(values, L, reverse);
+}
+
+// exp for the softmax, vectorisable: 2^(x log2 e) split into 2^n * 2^f, f in [-0.5, 0.5], with a
+// degree-6 polynomial for 2^f (relative error < 2e-7, about the rounding of float32 itself).
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float y = x * 1.44269504088896341f;
+  const float n = std::nearbyint(y);
+  const float f = y - n;
+  float p = 1.5403530393381606e-4f;
+  p = p * f + 1.3333558146428443e-3f;
+  p = p * f + 9.6181291076284772e-3f;
+  p = p * f + 5.5504108664821580e-2f;
+  p = p * f + 2.4022650695910071e-1f;
+  p = p * f + 6.9314718055994531e-1f;
+  p = p * f + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof(bits));
+  bits += static_cast<int32_t>(n) << 23;
+  std::memcpy(&p, &bits, sizeof(bits));
+  return p;
+}
+
+// The mean-field update of pixels [begin, end), fused: slice every kernel's blurred buffer, scale by
+// its post-normalisation, apply its compatibility, add the logits, softmax, write Q.
+//   logits [N, L]; q [N, Lp] (padded, pad columns left 0); bufs[k] the blurred [M_k+1, Lp] buffers;
+//   post [K, N]; compat [K, L, L] (diag[k] set: only the diagonal is non-zero).
+DSF_MULTIVERSION void mean_field_update(const std::vector<LatticeView>& lats, const std::vector<const float*>& bufs,
+                                        const float* __restrict post, const float* __restrict compat,
+                                        const std::vector<char>& diag, const float* __restrict logits, int64_t N,
+                                        int64_t L, int64_t Lp, int64_t begin, int64_t end, float* __restrict q,
+                                        bool* bad) {
+  std::vector<float> f(Lp), t(Lp);
+  const int64_t K = static_cast<int64_t>(lats.size());
+  for (int64_t i = begin; i < end; ++i) {
+    for (int64_t l = 0; l < L; ++l) t[l] = logits[i * L + l];
+    for (int64_t k = 0; k < K; ++k) {
+      const float alpha = lattice::slice_alpha(static_cast<int>(lats[k].D1 - 1));
+      if (!slice_one(bufs[k], lats[k], i, Lp, alpha, f.data())) *bad = true;
+      const float s = post[k * N + i];
+      for (int64_t l = 0; l < L; ++l) f[l] *= s;
+      const float* ck = compat + k * L * L;
+      if (diag[k]) {
+        for (int64_t l = 0; l < L; ++l) t[l] -= ck[l * L + l] * f[l];
+      } else {
+        for (int64_t l = 0; l < L; ++l) {
+          float acc = 0.f;
+          for (int64_t m = 0; m < L; ++m) acc += ck[l * L + m] * f[m];
+          t[l] -= acc;
+        }
+      }
+    }
+    float mx = t[0];
+    for (int64_t l = 1; l < L; ++l) mx = std::max(mx, t[l]);
+    float sum = 0.f;
+    for (int64_t l = 0; l < L; ++l) {
+      t[l] = exp_approx(t[l] - mx);
+      sum += t[l];
+    }
+    const float inv = 1.0f / sum;
+    float* qi = q + i * Lp;
+    for (int64_t l = 0; l < L; ++l) qi[l] = t[l] * inv;
+  }
+}
+
+// Mean-field inference with K Gaussian kernels, one pass over the pixels per iteration on top of
+// each kernel's splat and blur. logits [N, L] float32; lattices: 6 tensors per kernel; pre/post
+// [K, N] per-pixel normalisation before splatting / after slicing; compat [K, L, L], subtracted
+// (Potts of weight w is -w * I). Returns Q [N, L].
+Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices, const Tensor& pre_in,
+                                const Tensor& post_in, const Tensor& compat_in, int64_t iterations) {
+  TORCH_CHECK_VALUE(logits_in.dim() == 2 && logits_in.scalar_type() == at::kFloat,
+                    "logits must be a float32 [N, L] tensor");
+  TORCH_CHECK_VALUE(lattices.size() % 6 == 0 && !lattices.empty(), "lattices must hold 6 tensors per kernel, got ",
+                    lattices.size());
+  TORCH_CHECK_VALUE(iterations >= 0, "iterations must be non-negative, got ", iterations);
+  const int64_t N = logits_in.size(0), L = logits_in.size(1), K = static_cast<int64_t>(lattices.size() / 6);
+  TORCH_CHECK_VALUE(pre_in.sizes() == at::IntArrayRef({K, N}) && pre_in.scalar_type() == at::kFloat,
+                    "pre must be a float32 [K, N] tensor");
+  TORCH_CHECK_VALUE(post_in.sizes() == at::IntArrayRef({K, N}) && post_in.scalar_type() == at::kFloat,
+                    "post must be a float32 [K, N] tensor");
+  TORCH_CHECK_VALUE(compat_in.sizes() == at::IntArrayRef({K, L, L}) && compat_in.scalar_type() == at::kFloat,
+                    "compat must be a float32 [K, L, L] tensor");
+  std::vector<LatticeView> lats;
+  for (int64_t k = 0; k < K; ++k) {
+    lats.push_back(view_lattice(lattices[6 * k], lattices[6 * k + 1], lattices[6 * k + 2], lattices[6 * k + 3],
+                                lattices[6 * k + 4], lattices[6 * k + 5]));
+    TORCH_CHECK_VALUE(lats.back().N == N, "lattice ", k, " has ", lats.back().N, " points, logits have ", N);
+  }
+  const Tensor logits = logits_in.contiguous(), pre = pre_in.contiguous(), post = post_in.contiguous(),
+               compat = compat_in.contiguous();
+  const float* cp = compat.const_data_ptr<float>();
+  std::vector<char> diag(K, 1);
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t l = 0; l < L; ++l)
+      for (int64_t m = 0; m < L; ++m)
+        if (l != m && cp[(k * L + l) * L + m] != 0.f) diag[k] = 0;
+
+  const int64_t Lp = padded<float>(L);
+  Tensor q = empty_output({N, Lp}, at::kFloat, at::MemoryFormat::Contiguous);
+  float* qp = q.mutable_data_ptr<float>();
+  // Q0 = softmax(logits): the update with no kernels.
+  const std::vector<LatticeView> none;
+  const std::vector<const float*> no_bufs;
+  const std::vector<char> no_diag;
+  at::parallel_for(0, N, 1024, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) std::memset(qp + i * Lp + L, 0, (Lp - L) * sizeof(float));
+    bool unused = false;
+    mean_field_update(none, no_bufs, nullptr, nullptr, no_diag, logits.const_data_ptr<float>(), N, L, Lp, begin, end,
+                      qp, &unused);
+  });
+  std::vector<VertexBuffers<float>> vbufs;
+  for (int64_t k = 0; k < K; ++k) vbufs.emplace_back(lats[k], Lp, at::kFloat);
+  std::vector<const float*> blurred(K);
+  for (int64_t it = 0; it < iterations; ++it) {
+    for (int64_t k = 0; k < K; ++k)
+      blurred[k] = splat_blur<float>(lats[k], qp, pre.const_data_ptr<float>() + k * N, Lp, false, vbufs[k].pa(),
+                                     vbufs[k].pb());
+    // Q is read by the splats above and rewritten below, one pixel per task: no races.
+    const bool bad = parallel_checked(N, 256, [&](int64_t begin, int64_t end, bool* flag) {
+      mean_field_update(lats, blurred, post.const_data_ptr<float>(), cp, diag, logits.const_data_ptr<float>(), N, L,
+                        Lp, begin, end, qp, flag);
+    });
+    TORCH_CHECK_VALUE(!bad, "offsets hold out-of-range vertices");
+  }
+  Tensor out = empty_output({N, L}, at::kFloat, at::MemoryFormat::Contiguous);
+  copy_rows<float>(qp, Lp, out.mutable_data_ptr<float>(), L, N);
+  return out;
 }
 
 }  // namespace
@@ -340,4 +513,5 @@ Tensor permutohedral_filter_cpu(const Tensor& values, const Tensor& offsets_in, 
 TORCH_LIBRARY_IMPL(deconvseg, CPU, m) {
   m.impl("permutohedral_lattice", &deconvseg::permutohedral_lattice_cpu);
   m.impl("permutohedral_filter", &deconvseg::permutohedral_filter_cpu);
+  m.impl("dense_crf_mean_field", &deconvseg::dense_crf_mean_field_cpu);
 }

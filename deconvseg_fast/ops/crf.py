@@ -1,10 +1,12 @@
-"""Permutohedral lattice: fake kernels, autograd, and the ``Lattice`` handle built on the two ops.
+"""Permutohedral lattice: fake kernels, autograd, and the ``Lattice`` handle built on the ops.
 
 ``permutohedral_lattice(features [N, d])`` builds the lattice of one point set once;
 ``permutohedral_filter(values [N, C], *lattice, reverse)`` filters any number of channels with it.
 The filter is linear in ``values`` with a symmetric blur, so its adjoint is the same filter with the
 blur axes in reverse order: that is the backward. Gradients with respect to the features are not
-provided (the lattice is piecewise constant in them).
+provided (the lattice is piecewise constant in them). ``dense_crf_mean_field`` runs whole mean-field
+inference in one call for inference without gradients; with gradients, functional.dense_crf
+composes the filter op instead.
 """
 from __future__ import annotations
 
@@ -38,6 +40,11 @@ def _filter_fake(values, offsets, weights, neighbors, vertex_ptr, splat_pixels, 
     if values.dim() != 2 or values.shape[0] != offsets.shape[0]:
         raise ValueError(f"values must be a [N, C] tensor with N = {offsets.shape[0]} points")
     return values.new_empty(values.shape)
+
+
+@torch.library.register_fake("deconvseg::dense_crf_mean_field")
+def _mean_field_fake(logits, lattices, pre, post, compat, iterations):
+    return logits.new_empty(logits.shape)
 
 
 def _filter_setup(ctx, inputs, output):
