@@ -31,14 +31,13 @@ TORCH_LIBRARY(deconvseg, m) {
       "-> Tensor");
   // features [N, d] float32 (already divided by the standard deviations) -> the permutohedral
   // lattice of the points: (offsets [N, d+1] int32, weights [N, d+1] float32, neighbors [d+1, M, 2]
-  // int32, vertex_ptr [M+1] int32, splat_pixels [N*(d+1)] int32, splat_weights [N*(d+1)] float32).
-  // See csrc/cpu/crf.cpp.
-  m.def("permutohedral_lattice(Tensor features) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // int32). See csrc/cpu/crf.cpp.
+  m.def("permutohedral_lattice(Tensor features) -> (Tensor, Tensor, Tensor)");
   // values [N, C] float32 -> [N, C]: the lattice's Gaussian filter; reverse=True is its transpose.
   m.def(
-      "permutohedral_filter(Tensor values, Tensor offsets, Tensor weights, Tensor neighbors, "
-      "Tensor vertex_ptr, Tensor splat_pixels, Tensor splat_weights, bool reverse) -> Tensor");
-  // Mean-field inference (no autograd) with K kernels: logits [N, L] float32, 6 lattice tensors per
+      "permutohedral_filter(Tensor values, Tensor offsets, Tensor weights, Tensor neighbors, bool reverse) "
+      "-> Tensor");
+  // Mean-field inference (no autograd) with K kernels: logits [N, L] float32, 3 lattice tensors per
   // kernel, pre/post [K, N] normalisation, compat [K, L, L] subtracted from the logits -> Q [N, L].
   m.def(
       "dense_crf_mean_field(Tensor logits, Tensor[] lattices, Tensor pre, Tensor post, Tensor compat, "

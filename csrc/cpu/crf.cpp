@@ -7,12 +7,10 @@
 //   neighbors [d+1, M, 2] int32 the two blur neighbours of each vertex along each lattice axis,
 //                              1-based with 0 meaning "not in the lattice" (row 0 of the value
 //                              buffer is kept at zero, so a missing neighbour adds nothing)
-//   vertex_ptr [M+1] int32, splat_pixels [N*(d+1)] int32, splat_weights [N*(d+1)] float32: for each
-//                              vertex, the pixels that splat into it and their weights, in
-//                              increasing pixel order (CSR).
-// Splatting gathers through the CSR lists instead of scattering with atomics, so every vertex sums
-// its contributions in pixel order: the same bits for any thread count, and the same summation
-// order as the sequential reference implementation.
+// Splatting streams the pixels in order and scatters into the (cache-sized) vertex buffer, as the
+// reference implementation does. To use several threads without atomics and without results that
+// depend on the thread count, the pixels are cut into a fixed number of contiguous parts, each part
+// splats into its own buffer, and the parts are added in part order.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -32,14 +30,16 @@ namespace {
 using at::Tensor;
 
 // Open-addressing table from a vertex's d coordinates to its index; indices follow first insertion.
+// `max_keys` bounds the number of distinct keys ever inserted (the table does not grow); the
+// capacity is at least twice that, so probes stay short and always end.
 class VertexTable {
  public:
-  VertexTable(int d, int64_t expected) : d_(d) {
+  VertexTable(int d, int64_t max_keys) : d_(d) {
     int64_t cap = 64;
-    while (cap < 2 * expected) cap <<= 1;
+    while (cap < 2 * max_keys) cap <<= 1;
     slots_.assign(cap, -1);
     mask_ = cap - 1;
-    keys_.reserve(expected * d);
+    keys_.reserve(std::min<int64_t>(max_keys, 1 << 20) * d);
   }
 
   int32_t insert(const int32_t* key) {
@@ -67,6 +67,7 @@ class VertexTable {
   }
 
   int64_t size() const { return static_cast<int64_t>(keys_.size()) / d_; }
+  std::vector<int32_t> take_keys() { return std::move(keys_); }  // [size, d], insertion order
   const int32_t* key(int64_t v) const { return &keys_[v * d_]; }
 
  private:
@@ -82,7 +83,7 @@ class VertexTable {
   std::vector<int32_t> keys_;
 };
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> permutohedral_lattice_cpu(const Tensor& features_in) {
+std::tuple<Tensor, Tensor, Tensor> permutohedral_lattice_cpu(const Tensor& features_in) {
   TORCH_CHECK_VALUE(features_in.dim() == 2, "features must be a 2-D [N, d] tensor, got ", features_in.dim(), " dims");
   TORCH_CHECK_VALUE(features_in.scalar_type() == at::kFloat, "features must be float32, got ",
                     features_in.scalar_type());
@@ -110,11 +111,36 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> permutohedral_lattice
       lattice::enclosing_simplex(f + i * d, d, scale, keys.data() + i * D1 * d, w + i * D1);
   });
 
-  // 2. Vertex numbering, sequential in (pixel, corner) order so it never depends on threads.
-  VertexTable table(d, N * D1 / 2 + 16);
+  // 2. Vertex numbering in first-occurrence (pixel, corner) order, so it never depends on threads:
+  //    a fixed number of contiguous chunks number their own keys in parallel, then the chunks'
+  //    distinct keys are entered into the global table in chunk order (which reproduces the
+  //    sequential first-occurrence order), and every entry is mapped to its global index.
+  const int64_t E = N * D1;
+  constexpr int64_t kChunks = 16;
   Tensor offsets = at::empty({N, D1}, features.options().dtype(at::kInt));
   int32_t* off = offsets.mutable_data_ptr<int32_t>();
-  for (int64_t e = 0; e < N * D1; ++e) off[e] = table.insert(keys.data() + e * d);
+  std::vector<std::vector<int32_t>> chunk_keys(kChunks);  // each chunk's distinct keys, local order
+  at::parallel_for(0, kChunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t lo = c * E / kChunks, hi = (c + 1) * E / kChunks;
+      VertexTable local(d, hi - lo);
+      for (int64_t e = lo; e < hi; ++e) off[e] = local.insert(keys.data() + e * d);
+      chunk_keys[c] = local.take_keys();
+    }
+  });
+  int64_t distinct_bound = 0;
+  for (const auto& k : chunk_keys) distinct_bound += static_cast<int64_t>(k.size()) / d;
+  VertexTable table(d, distinct_bound);
+  std::vector<std::vector<int32_t>> to_global(kChunks);
+  for (int64_t c = 0; c < kChunks; ++c) {
+    const int64_t n = static_cast<int64_t>(chunk_keys[c].size()) / d;
+    to_global[c].resize(n);
+    for (int64_t u = 0; u < n; ++u) to_global[c][u] = table.insert(chunk_keys[c].data() + u * d);
+  }
+  at::parallel_for(0, kChunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t e = c * E / kChunks; e < (c + 1) * E / kChunks; ++e) off[e] = to_global[c][off[e]];
+  });
   keys.clear();
   keys.shrink_to_fit();
   const int64_t M = table.size();
@@ -142,67 +168,48 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> permutohedral_lattice
     }
   });
 
-  // 4. Splat lists: counting sort of the (pixel, corner) entries by vertex, stable in pixel order.
-  Tensor vertex_ptr = at::zeros({M + 1}, offsets.options());
-  Tensor splat_pixels = at::empty({N * D1}, offsets.options());
-  Tensor splat_weights = at::empty({N * D1}, weights.options());
-  int32_t* ptr = vertex_ptr.mutable_data_ptr<int32_t>();
-  int32_t* pix = splat_pixels.mutable_data_ptr<int32_t>();
-  float* sw = splat_weights.mutable_data_ptr<float>();
-  for (int64_t e = 0; e < N * D1; ++e) ++ptr[off[e] + 1];
-  for (int64_t v = 0; v < M; ++v) ptr[v + 1] += ptr[v];
-  {
-    std::vector<int32_t> fill(ptr, ptr + M);
-    for (int64_t e = 0; e < N * D1; ++e) {
-      const int32_t slot = fill[off[e]]++;
-      pix[slot] = static_cast<int32_t>(e / D1);
-      sw[slot] = w[e];
-    }
-  }
-  return {offsets, weights, neighbors, vertex_ptr, splat_pixels, splat_weights};
+  return {offsets, weights, neighbors};
 }
 
 // A lattice's tensors, validated and made contiguous, as raw pointers.
 struct LatticeView {
   int64_t N = 0, M = 0, D1 = 0;
-  const int32_t *off = nullptr, *nb = nullptr, *ptr = nullptr, *pix = nullptr;
-  const float *w = nullptr, *sw = nullptr;
+  const int32_t *off = nullptr, *nb = nullptr;
+  const float* w = nullptr;
   std::vector<Tensor> keep;  // owns the contiguous copies
 };
 
-LatticeView view_lattice(const Tensor& offsets, const Tensor& weights, const Tensor& neighbors,
-                         const Tensor& vertex_ptr, const Tensor& splat_pixels, const Tensor& splat_weights) {
+// Lattice tensors are ordinary op inputs: every index is checked once here, so the kernels below
+// can trust them and never read or write out of bounds.
+LatticeView view_lattice(const Tensor& offsets, const Tensor& weights, const Tensor& neighbors) {
   TORCH_CHECK_VALUE(offsets.dim() == 2 && offsets.scalar_type() == at::kInt, "offsets must be an int32 [N, d+1] tensor");
   TORCH_CHECK_VALUE(weights.sizes() == offsets.sizes() && weights.scalar_type() == at::kFloat,
                     "weights must be a float32 tensor shaped like offsets");
   const int64_t D1 = offsets.size(1);
+  TORCH_CHECK_VALUE(D1 >= 2 && D1 <= lattice::kMaxDim + 1, "offsets must have d+1 columns for 1 <= d <= ",
+                    lattice::kMaxDim, ", got ", D1);
   TORCH_CHECK_VALUE(neighbors.dim() == 3 && neighbors.size(0) == D1 && neighbors.size(2) == 2 &&
                         neighbors.scalar_type() == at::kInt,
                     "neighbors must be an int32 [d+1, M, 2] tensor");
-  const int64_t M = neighbors.size(1);
-  TORCH_CHECK_VALUE(vertex_ptr.dim() == 1 && vertex_ptr.size(0) == M + 1 && vertex_ptr.scalar_type() == at::kInt,
-                    "vertex_ptr must be an int32 [M+1] tensor");
-  TORCH_CHECK_VALUE(splat_pixels.dim() == 1 && splat_pixels.size(0) == offsets.numel() &&
-                        splat_pixels.scalar_type() == at::kInt,
-                    "splat_pixels must be an int32 [N*(d+1)] tensor");
-  TORCH_CHECK_VALUE(splat_weights.sizes() == splat_pixels.sizes() && splat_weights.scalar_type() == at::kFloat,
-                    "splat_weights must be a float32 tensor shaped like splat_pixels");
   LatticeView L;
   L.N = offsets.size(0);
-  L.M = M;
+  L.M = neighbors.size(1);
   L.D1 = D1;
-  L.keep = {offsets.contiguous(), weights.contiguous(), neighbors.contiguous(), vertex_ptr.contiguous(),
-            splat_pixels.contiguous(), splat_weights.contiguous()};
+  L.keep = {offsets.contiguous(), weights.contiguous(), neighbors.contiguous()};
   L.off = L.keep[0].const_data_ptr<int32_t>();
   L.w = L.keep[1].const_data_ptr<float>();
   L.nb = L.keep[2].const_data_ptr<int32_t>();
-  L.ptr = L.keep[3].const_data_ptr<int32_t>();
-  L.pix = L.keep[4].const_data_ptr<int32_t>();
-  L.sw = L.keep[5].const_data_ptr<float>();
-  // Lattice tensors are ordinary op inputs: make sure the CSR lists stay inside their arrays
-  // (pixel and neighbour indices are checked where they are read).
-  TORCH_CHECK_VALUE(L.ptr[0] == 0 && L.ptr[M] == L.N * D1, "vertex_ptr does not describe splat_pixels");
-  for (int64_t v = 0; v < M; ++v) TORCH_CHECK_VALUE(L.ptr[v] <= L.ptr[v + 1], "vertex_ptr must be non-decreasing");
+  const int64_t M = L.M;
+  auto all_in = [](const int32_t* p, int64_t n, int32_t lo, int64_t hi) {
+    std::atomic<bool> ok{true};
+    at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        if (p[i] < lo || p[i] > hi) ok = false;
+    });
+    return ok.load();
+  };
+  TORCH_CHECK_VALUE(all_in(L.off, L.N * D1, 0, M - 1), "offsets hold out-of-range vertices (expected 0..", M - 1, ")");
+  TORCH_CHECK_VALUE(all_in(L.nb, D1 * M * 2, 0, M), "neighbors hold out-of-range vertices (expected 0..", M, ")");
   return L;
 }
 
@@ -215,22 +222,22 @@ constexpr int64_t kLanes = 64 / sizeof(T);
 template <typename T>
 int64_t padded(int64_t c) { return (c + kLanes<T> - 1) / kLanes<T> * kLanes<T>; }
 
-// Splat vertices [begin, end): buf[v+1] = sum over the vertex's entries of weight * (scale[pixel] *
-// in[pixel]); scale may be null. The product order is the reference implementation's (it scales the
-// values first, then splats).
+// Fixed, so that the order of every sum is the same whatever the number of threads.
+constexpr int64_t kSplatParts = 8;
+
+// Splat pixels [begin, end) into buf ([M+1, Cp], rows 1.. zeroed by the caller): buf[v+1] +=
+// weight * (scale[pixel] * in[pixel]); scale may be null. The product order is the reference
+// implementation's (it scales the values first, then splats).
 template <typename T>
-DSF_MULTIVERSION void splat_range(const T* __restrict in, const T* __restrict scale, const int32_t* __restrict ptr,
-                                  const int32_t* __restrict pix, const float* __restrict pw, int64_t Cp,
-                                  int64_t N, int64_t begin, int64_t end, T* __restrict buf, bool* bad) {
-  for (int64_t v = begin; v < end; ++v) {
-    T* acc = buf + (v + 1) * Cp;
-    for (int64_t c = 0; c < Cp; ++c) acc[c] = T(0);
-    for (int32_t k = ptr[v]; k < ptr[v + 1]; ++k) {
-      const int32_t p = pix[k];
-      if (p < 0 || p >= N) { *bad = true; continue; }
-      const T we = pw[k];
-      const T s = scale ? scale[p] : T(1);
-      const T* src = in + p * Cp;
+DSF_MULTIVERSION void splat_pixels(const T* __restrict in, const T* __restrict scale, const int32_t* __restrict off,
+                                   const float* __restrict w, int64_t D1, int64_t Cp, int64_t begin, int64_t end,
+                                   T* __restrict buf) {
+  for (int64_t i = begin; i < end; ++i) {
+    const T s = scale ? scale[i] : T(1);
+    const T* src = in + i * Cp;
+    for (int64_t r = 0; r < D1; ++r) {
+      const T we = w[i * D1 + r];
+      T* acc = buf + (static_cast<int64_t>(off[i * D1 + r]) + 1) * Cp;
       if (scale) {
         for (int64_t c0 = 0; c0 < Cp; c0 += kLanes<T>)
           for (int64_t c = c0; c < c0 + kLanes<T>; ++c) acc[c] += we * (s * src[c]);
@@ -242,13 +249,26 @@ DSF_MULTIVERSION void splat_range(const T* __restrict in, const T* __restrict sc
   }
 }
 
+// out[v] = sum of parts[p][v] for p = 0..P-1, in that order, for rows [begin, end).
+template <typename T>
+DSF_MULTIVERSION void add_parts(const T* __restrict parts, int64_t part_stride, int64_t P, int64_t Cp, int64_t begin,
+                                int64_t end, T* __restrict out) {
+  for (int64_t v = begin; v < end; ++v) {
+    T* dst = out + v * Cp;
+    const T* src = parts + v * Cp;
+    for (int64_t c = 0; c < Cp; ++c) dst[c] = src[c];
+    for (int64_t p = 1; p < P; ++p)
+      for (int64_t c0 = 0; c0 < Cp; c0 += kLanes<T>)
+        for (int64_t c = c0; c < c0 + kLanes<T>; ++c) dst[c] += src[p * part_stride + c];
+  }
+}
+
 // One blur pass along an axis: dst[v+1] = src[v+1] + (src[n1] + src[n2]) / 2.
 template <typename T>
-DSF_MULTIVERSION void blur_range(const T* __restrict src, const int32_t* __restrict nbj, int64_t Cp, int64_t M,
-                                 int64_t begin, int64_t end, T* __restrict dst, bool* bad) {
+DSF_MULTIVERSION void blur_range(const T* __restrict src, const int32_t* __restrict nbj, int64_t Cp, int64_t begin,
+                                 int64_t end, T* __restrict dst) {
   for (int64_t v = begin; v < end; ++v) {
-    int32_t n1 = nbj[v * 2], n2 = nbj[v * 2 + 1];
-    if (n1 < 0 || n1 > M || n2 < 0 || n2 > M) { *bad = true; n1 = n2 = 0; }
+    const int64_t n1 = nbj[v * 2], n2 = nbj[v * 2 + 1];
     const T* o = src + (v + 1) * Cp;
     const T* p1 = src + n1 * Cp;
     const T* p2 = src + n2 * Cp;
@@ -260,73 +280,63 @@ DSF_MULTIVERSION void blur_range(const T* __restrict src, const int32_t* __restr
 
 // out[0:Cp] = sum over pixel i's simplex corners of (weight * buf[vertex+1]) * alpha.
 template <typename T>
-inline bool slice_one(const T* __restrict buf, const LatticeView& L, int64_t i, int64_t Cp, T alpha, T* __restrict out) {
-  bool ok = true;
+inline void slice_one(const T* __restrict buf, const LatticeView& L, int64_t i, int64_t Cp, T alpha, T* __restrict out) {
   for (int64_t c = 0; c < Cp; ++c) out[c] = T(0);
   for (int64_t r = 0; r < L.D1; ++r) {
     const int64_t vtx = L.off[i * L.D1 + r];
-    if (vtx < 0 || vtx >= L.M) { ok = false; continue; }
     const T we = L.w[i * L.D1 + r];
     const T* src = buf + (vtx + 1) * Cp;
     for (int64_t c0 = 0; c0 < Cp; c0 += kLanes<T>)
       for (int64_t c = c0; c < c0 + kLanes<T>; ++c) out[c] += we * src[c] * alpha;
   }
-  return ok;
 }
 
 template <typename T>
 DSF_MULTIVERSION void slice_range(const T* __restrict buf, const LatticeView& L, int64_t Cp, T alpha, int64_t begin,
-                                  int64_t end, T* __restrict out, bool* bad) {
-  for (int64_t i = begin; i < end; ++i)
-    if (!slice_one(buf, L, i, Cp, alpha, out + i * Cp)) *bad = true;
+                                  int64_t end, T* __restrict out) {
+  for (int64_t i = begin; i < end; ++i) slice_one(buf, L, i, Cp, alpha, out + i * Cp);
 }
 
-// Runs fn(begin, end, &bad) over [0, n) in parallel; true if any chunk flagged bad.
-template <typename F>
-bool parallel_checked(int64_t n, int64_t grain, const F& fn) {
-  std::atomic<bool> any{false};
-  at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
-    bool bad = false;
-    fn(begin, end, &bad);
-    if (bad) any = true;
-  });
-  return any.load();
-}
-
-// Splat `in` [N, Cp] (times scale[N], if given) and blur it along every axis; a and b are [M+1, Cp]
-// buffers with row 0 zero (the "no neighbour" row). Returns the buffer that holds the result.
+// Splat `in` [N, Cp] (times scale[N], if given) and blur it along every axis. `bufs` holds the
+// per-part splat buffers and the two blur buffers; returns the buffer that holds the result.
 template <typename T>
-T* splat_blur(const LatticeView& L, const T* in, const T* scale, int64_t Cp, bool reverse, T* a, T* b) {
-  const int d = static_cast<int>(L.D1 - 1);
-  bool bad = parallel_checked(L.M, 256, [&](int64_t begin, int64_t end, bool* flag) {
-    splat_range<T>(in, scale, L.ptr, L.pix, L.sw, Cp, L.N, begin, end, a, flag);
+struct VertexBuffers {
+  Tensor parts, a, b;
+  int64_t rows, Cp;
+  VertexBuffers(const LatticeView& L, int64_t Cp_, at::ScalarType dtype) : rows(L.M + 1), Cp(Cp_) {
+    parts = empty_output({kSplatParts, rows, Cp}, dtype, at::MemoryFormat::Contiguous);
+    a = empty_output({rows, Cp}, dtype, at::MemoryFormat::Contiguous);
+    b = empty_output({rows, Cp}, dtype, at::MemoryFormat::Contiguous);
+  }
+};
+
+template <typename T>
+const T* splat_blur(const LatticeView& L, const T* in, const T* scale, bool reverse, VertexBuffers<T>& bufs) {
+  const int64_t Cp = bufs.Cp, rows = bufs.rows, stride = rows * Cp;
+  T* parts = bufs.parts.template mutable_data_ptr<T>();
+  T* a = bufs.a.template mutable_data_ptr<T>();
+  T* b = bufs.b.template mutable_data_ptr<T>();
+  at::parallel_for(0, kSplatParts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      std::memset(parts + p * stride, 0, stride * sizeof(T));
+      splat_pixels<T>(in, scale, L.off, L.w, L.D1, Cp, p * L.N / kSplatParts, (p + 1) * L.N / kSplatParts,
+                      parts + p * stride);
+    }
   });
-  TORCH_CHECK_VALUE(!bad, "splat_pixels hold out-of-range pixels");
+  at::parallel_for(0, rows, 512, [&](int64_t begin, int64_t end) {
+    add_parts<T>(parts, stride, kSplatParts, Cp, begin, end, a);
+  });
+  // Row 0 of both buffers is the zero "no neighbour" row (it only ever received no splats).
+  std::memset(b, 0, Cp * sizeof(T));
+  const int d = static_cast<int>(L.D1 - 1);
   for (int step = 0; step <= d; ++step) {
     const int j = reverse ? d - step : step;
     const int32_t* nbj = L.nb + static_cast<int64_t>(j) * L.M * 2;
-    bad = parallel_checked(L.M, 256, [&](int64_t begin, int64_t end, bool* flag) {
-      blur_range<T>(a, nbj, Cp, L.M, begin, end, b, flag);
-    });
-    TORCH_CHECK_VALUE(!bad, "neighbors hold out-of-range vertices");
+    at::parallel_for(0, L.M, 256, [&](int64_t begin, int64_t end) { blur_range<T>(a, nbj, Cp, begin, end, b); });
     std::swap(a, b);
   }
   return a;
 }
-
-// Vertex buffers for one lattice: [M+1, Cp] twice, row 0 zero.
-template <typename T>
-struct VertexBuffers {
-  Tensor a, b;
-  VertexBuffers(const LatticeView& L, int64_t Cp, at::ScalarType dtype) {
-    a = empty_output({L.M + 1, Cp}, dtype, at::MemoryFormat::Contiguous);
-    b = empty_output({L.M + 1, Cp}, dtype, at::MemoryFormat::Contiguous);
-    std::memset(a.mutable_data_ptr<T>(), 0, Cp * sizeof(T));
-    std::memset(b.mutable_data_ptr<T>(), 0, Cp * sizeof(T));
-  }
-  T* pa() { return a.mutable_data_ptr<T>(); }
-  T* pb() { return b.mutable_data_ptr<T>(); }
-};
 
 // Copies N rows of `from` (from_cols wide) into `to` (to_cols wide), zero-filling extra columns.
 template <typename T>
@@ -353,13 +363,12 @@ Tensor filter_impl(const Tensor& values_in, const LatticeView& L, bool reverse) 
     copy_rows<T>(values.const_data_ptr<T>(), C, in.mutable_data_ptr<T>(), Cp, N);
   }
   VertexBuffers<T> bufs(L, Cp, dtype);
-  const T* blurred = splat_blur<T>(L, in.const_data_ptr<T>(), nullptr, Cp, reverse, bufs.pa(), bufs.pb());
+  const T* blurred = splat_blur<T>(L, in.const_data_ptr<T>(), nullptr, reverse, bufs);
   Tensor out_p = empty_output({N, Cp}, dtype, at::MemoryFormat::Contiguous);
   const T alpha = static_cast<T>(lattice::slice_alpha(static_cast<int>(L.D1 - 1)));
-  const bool bad = parallel_checked(N, 256, [&](int64_t begin, int64_t end, bool* flag) {
-    slice_range<T>(blurred, L, Cp, alpha, begin, end, out_p.mutable_data_ptr<T>(), flag);
+  at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
+    slice_range<T>(blurred, L, Cp, alpha, begin, end, out_p.mutable_data_ptr<T>());
   });
-  TORCH_CHECK_VALUE(!bad, "offsets hold out-of-range vertices");
   if (Cp == C) return out_p;
   Tensor out = empty_output({N, C}, dtype, at::MemoryFormat::Contiguous);
   copy_rows<T>(out_p.const_data_ptr<T>(), Cp, out.mutable_data_ptr<T>(), C, N);
@@ -367,9 +376,8 @@ Tensor filter_impl(const Tensor& values_in, const LatticeView& L, bool reverse) 
 }
 
 Tensor permutohedral_filter_cpu(const Tensor& values, const Tensor& offsets, const Tensor& weights,
-                                const Tensor& neighbors, const Tensor& vertex_ptr, const Tensor& splat_pixels,
-                                const Tensor& splat_weights, bool reverse) {
-  const LatticeView L = view_lattice(offsets, weights, neighbors, vertex_ptr, splat_pixels, splat_weights);
+                                const Tensor& neighbors, bool reverse) {
+  const LatticeView L = view_lattice(offsets, weights, neighbors);
   TORCH_CHECK_VALUE(values.dim() == 2 && values.size(0) == L.N, "values must be a [N, C] tensor with N = ", L.N,
                     " points, got ", values.sizes());
   TORCH_CHECK_VALUE(values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble,
@@ -407,15 +415,14 @@ inline float exp_approx(float x) {
 DSF_MULTIVERSION void mean_field_update(const std::vector<LatticeView>& lats, const std::vector<const float*>& bufs,
                                         const float* __restrict post, const float* __restrict compat,
                                         const std::vector<char>& diag, const float* __restrict logits, int64_t N,
-                                        int64_t L, int64_t Lp, int64_t begin, int64_t end, float* __restrict q,
-                                        bool* bad) {
+                                        int64_t L, int64_t Lp, int64_t begin, int64_t end, float* __restrict q) {
   std::vector<float> f(Lp), t(Lp);
   const int64_t K = static_cast<int64_t>(lats.size());
   for (int64_t i = begin; i < end; ++i) {
     for (int64_t l = 0; l < L; ++l) t[l] = logits[i * L + l];
     for (int64_t k = 0; k < K; ++k) {
       const float alpha = lattice::slice_alpha(static_cast<int>(lats[k].D1 - 1));
-      if (!slice_one(bufs[k], lats[k], i, Lp, alpha, f.data())) *bad = true;
+      slice_one(bufs[k], lats[k], i, Lp, alpha, f.data());
       const float s = post[k * N + i];
       for (int64_t l = 0; l < L; ++l) f[l] *= s;
       const float* ck = compat + k * L * L;
@@ -450,10 +457,10 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
                                 const Tensor& post_in, const Tensor& compat_in, int64_t iterations) {
   TORCH_CHECK_VALUE(logits_in.dim() == 2 && logits_in.scalar_type() == at::kFloat,
                     "logits must be a float32 [N, L] tensor");
-  TORCH_CHECK_VALUE(lattices.size() % 6 == 0 && !lattices.empty(), "lattices must hold 6 tensors per kernel, got ",
+  TORCH_CHECK_VALUE(lattices.size() % 3 == 0 && !lattices.empty(), "lattices must hold 3 tensors per kernel, got ",
                     lattices.size());
   TORCH_CHECK_VALUE(iterations >= 0, "iterations must be non-negative, got ", iterations);
-  const int64_t N = logits_in.size(0), L = logits_in.size(1), K = static_cast<int64_t>(lattices.size() / 6);
+  const int64_t N = logits_in.size(0), L = logits_in.size(1), K = static_cast<int64_t>(lattices.size() / 3);
   TORCH_CHECK_VALUE(pre_in.sizes() == at::IntArrayRef({K, N}) && pre_in.scalar_type() == at::kFloat,
                     "pre must be a float32 [K, N] tensor");
   TORCH_CHECK_VALUE(post_in.sizes() == at::IntArrayRef({K, N}) && post_in.scalar_type() == at::kFloat,
@@ -462,8 +469,7 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
                     "compat must be a float32 [K, L, L] tensor");
   std::vector<LatticeView> lats;
   for (int64_t k = 0; k < K; ++k) {
-    lats.push_back(view_lattice(lattices[6 * k], lattices[6 * k + 1], lattices[6 * k + 2], lattices[6 * k + 3],
-                                lattices[6 * k + 4], lattices[6 * k + 5]));
+    lats.push_back(view_lattice(lattices[3 * k], lattices[3 * k + 1], lattices[3 * k + 2]));
     TORCH_CHECK_VALUE(lats.back().N == N, "lattice ", k, " has ", lats.back().N, " points, logits have ", N);
   }
   const Tensor logits = logits_in.contiguous(), pre = pre_in.contiguous(), post = post_in.contiguous(),
@@ -484,23 +490,20 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
   const std::vector<char> no_diag;
   at::parallel_for(0, N, 1024, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) std::memset(qp + i * Lp + L, 0, (Lp - L) * sizeof(float));
-    bool unused = false;
     mean_field_update(none, no_bufs, nullptr, nullptr, no_diag, logits.const_data_ptr<float>(), N, L, Lp, begin, end,
-                      qp, &unused);
+                      qp);
   });
   std::vector<VertexBuffers<float>> vbufs;
   for (int64_t k = 0; k < K; ++k) vbufs.emplace_back(lats[k], Lp, at::kFloat);
   std::vector<const float*> blurred(K);
   for (int64_t it = 0; it < iterations; ++it) {
     for (int64_t k = 0; k < K; ++k)
-      blurred[k] = splat_blur<float>(lats[k], qp, pre.const_data_ptr<float>() + k * N, Lp, false, vbufs[k].pa(),
-                                     vbufs[k].pb());
+      blurred[k] = splat_blur<float>(lats[k], qp, pre.const_data_ptr<float>() + k * N, false, vbufs[k]);
     // Q is read by the splats above and rewritten below, one pixel per task: no races.
-    const bool bad = parallel_checked(N, 256, [&](int64_t begin, int64_t end, bool* flag) {
+    at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
       mean_field_update(lats, blurred, post.const_data_ptr<float>(), cp, diag, logits.const_data_ptr<float>(), N, L,
-                        Lp, begin, end, qp, flag);
+                        Lp, begin, end, qp);
     });
-    TORCH_CHECK_VALUE(!bad, "offsets hold out-of-range vertices");
   }
   Tensor out = empty_output({N, L}, at::kFloat, at::MemoryFormat::Contiguous);
   copy_rows<float>(qp, Lp, out.mutable_data_ptr<float>(), L, N);

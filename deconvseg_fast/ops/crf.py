@@ -25,18 +25,11 @@ def _lattice_fake(features):
     m = torch.library.get_ctx().new_dynamic_size()  # number of lattice vertices: data dependent
     i32 = dict(dtype=torch.int32, device=features.device)
     f32 = dict(dtype=torch.float32, device=features.device)
-    return (
-        torch.empty((n, d + 1), **i32),
-        torch.empty((n, d + 1), **f32),
-        torch.empty((d + 1, m, 2), **i32),
-        torch.empty((m + 1,), **i32),
-        torch.empty((n * (d + 1),), **i32),
-        torch.empty((n * (d + 1),), **f32),
-    )
+    return torch.empty((n, d + 1), **i32), torch.empty((n, d + 1), **f32), torch.empty((d + 1, m, 2), **i32)
 
 
 @torch.library.register_fake("deconvseg::permutohedral_filter")
-def _filter_fake(values, offsets, weights, neighbors, vertex_ptr, splat_pixels, splat_weights, reverse):
+def _filter_fake(values, offsets, weights, neighbors, reverse):
     if values.dim() != 2 or values.shape[0] != offsets.shape[0]:
         raise ValueError(f"values must be a [N, C] tensor with N = {offsets.shape[0]} points")
     return values.new_empty(values.shape)
@@ -57,7 +50,7 @@ def _filter_backward(ctx, grad):
     # The adjoint of slice . blur . splat is slice . blur^T . splat (splat and slice share weights);
     # each axis' blur is symmetric, so blur^T runs the axes in reverse order.
     g = _ops.permutohedral_filter.default(grad.contiguous(), *ctx.lattice, not ctx.reverse)
-    return (g,) + (None,) * 7
+    return (g,) + (None,) * 4
 
 
 torch.library.register_autograd("deconvseg::permutohedral_filter", _filter_backward, setup_context=_filter_setup)
