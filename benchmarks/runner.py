@@ -9,6 +9,11 @@ orientation only.
     rows = run(device="cpu", quick=True, csv_path=None, png_path=None)
 
 or `deconvseg-fast bench` (deconvseg_fast/cli.py).
+
+The same run then times the fully connected CRF against pydensecrf (benchmarks/crf.py, `run_crf`),
+printing its own table and scaling fits and writing its own CSV and PNG next to the pooling ones
+(`results_crf.csv`, `bench_crf.png`). `--filter` selects from both suites: `--filter crf` runs
+only the CRF, `--filter max_pool` only pooling.
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ from typing import Callable, Iterable, TextIO
 
 import torch
 
-from benchmarks import pooling
+from benchmarks import crf, pooling
 
 DEFAULT_CSV = os.path.join("bench_results", "results.csv")
 DEFAULT_PNG = os.path.join("bench_results", "bench.png")
@@ -207,8 +212,10 @@ def run(device: str = "cpu", quick: bool = False, csv_path: str | None = DEFAULT
     if device == "cuda" and not torch.cuda.is_available():
         raise BenchmarkConfigError("device: 'cuda' requested but torch.cuda.is_available() is False")
     selected = pooling.select(pooling.cases(quick=quick), filter)
-    if not selected:
-        names = ", ".join(c.name for c in pooling.cases(quick=quick))
+    crf_selected = crf.select(crf.cases(quick=quick), filter)
+    if not selected and not crf_selected:
+        names = ", ".join([c.name for c in pooling.cases(quick=quick)]
+                          + [c.name for c in crf.cases(quick=quick)])
         raise BenchmarkConfigError(f"filter: no case name contains {filter!r}; cases are: {names}")
     rounds = rounds or (QUICK_ROUNDS if quick else FULL_ROUNDS)
     min_run_time = min_run_time or (QUICK_MIN_RUN_TIME if quick else FULL_MIN_RUN_TIME)
@@ -271,16 +278,23 @@ def run(device: str = "cpu", quick: bool = False, csv_path: str | None = DEFAULT
         del built, fns  # free this case's tensors before the next one allocates
     wall_s = time.perf_counter() - t_start
 
-    print(markdown_table(rows) if markdown else text_table(rows), file=stream)
-    print(file=stream)
-    print(switch_memory_markdown() if markdown else switch_memory_text(), file=stream)
-    print(f"\n{len(rows)} cases in {wall_s:.1f} s", file=stream)
-    if csv_path:
-        append_csv(rows, csv_path)
-        print(f"appended {len(rows)} rows to {csv_path}", file=stream)
-    if png_path:
-        plot(rows, png_path)
-        print(f"wrote {png_path}", file=stream)
+    if rows:
+        print(markdown_table(rows) if markdown else text_table(rows), file=stream)
+        print(file=stream)
+        print(switch_memory_markdown() if markdown else switch_memory_text(), file=stream)
+        print(f"\n{len(rows)} cases in {wall_s:.1f} s", file=stream)
+        if csv_path:
+            append_csv(rows, csv_path)
+            print(f"appended {len(rows)} rows to {csv_path}", file=stream)
+        if png_path:
+            plot(rows, png_path)
+            print(f"wrote {png_path}", file=stream)
+    if crf_selected:
+        if rows:
+            print(file=stream)
+        run_crf(device=device, quick=quick, csv_path=crf_sibling(csv_path, "csv"),
+                png_path=crf_sibling(png_path, "png"), filter=filter, markdown=markdown,
+                stream=stream, progress=progress)
     return rows
 
 
@@ -428,3 +442,217 @@ def switch_memory_markdown(shape=pooling.SEGNET_SHAPE, kernel_size=(2, 2), strid
 def switch_memory_text(shape=pooling.SEGNET_SHAPE, kernel_size=(2, 2), stride=(2, 2)) -> str:
     title, headers, cells = _switch_memory_cells(shape, kernel_size, stride)
     return f"{title}\n\n" + _aligned(headers, cells, False, {"bytes", "MiB", "vs torch int64"})
+
+
+# ---- the CRF suite (benchmarks/crf.py) ------------------------------------------------------------
+CRF_CSV_COLUMNS = [
+    "timestamp", "git_commit", "torch_version", "pydensecrf_version", "device", "device_name",
+    "threads", "load_avg_1m", "quick",
+    "case", "kind", "impl", "batch", "labels", "height", "width", "iterations",
+    "ours_build_ms", "ours_iter_ms", "ours_total_ms", "ours_total_iqr_ms",
+    "ref_build_ms", "ref_iter_ms", "ref_total_ms", "ref_total_iqr_ms",
+    "speedup", "build_speedup", "iter_speedup", "ours_peak_mb", "ref_peak_mb",
+    "h100_roofline_ms", "rounds", "check",
+]
+
+CRF_TABLE_COLUMNS = [
+    ("case", "case", str),
+    ("B x L x H x W", "shape", str),
+    ("thr", "threads", str),
+    ("ours build ms", "ours_build_ms", _f(".1f")),
+    ("ours ms/iter", "ours_iter_ms", _f(".2f")),
+    ("ours total ms", "ours_total_ms", _f(".1f")),
+    ("IQR", "ours_total_iqr_ms", _f(".1f")),
+    ("pydcrf build ms", "ref_build_ms", _f(".1f")),
+    ("pydcrf ms/iter", "ref_iter_ms", _f(".2f")),
+    ("pydcrf total ms", "ref_total_ms", _f(".1f")),
+    ("speed-up", "speedup", lambda v: "n/a" if v is None else f"{v:.2f}x"),
+    ("build x", "build_speedup", lambda v: "n/a" if v is None else f"{v:.1f}x"),
+    ("iter x", "iter_speedup", lambda v: "n/a" if v is None else f"{v:.1f}x"),
+    ("peak MB ours", "ours_peak_mb", _f(".1f")),
+    ("peak MB pydcrf", "ref_peak_mb", _f(".1f")),
+    ("H100 roofline ms", "h100_roofline_ms", _f(".3f")),
+    ("check", "check", str),
+]
+_CRF_RIGHT = {h for h, _, _ in CRF_TABLE_COLUMNS} - {"case", "B x L x H x W", "check"}
+
+# Targets of the CRF issue, checked on the printed summary line.
+CRF_TARGET_SPEEDUP = 8.0
+
+
+def crf_sibling(path: str | None, ext: str) -> str | None:
+    """results.csv -> results_crf.csv, bench.png -> bench_crf.png (the CRF's own files)."""
+    if not path:
+        return None
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}_crf.{ext}"))
+
+
+def _ratio(a, b):
+    return None if a is None or b is None or b <= 0 else a / b
+
+
+def pydensecrf_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("pydensecrf2")
+    except Exception:  # noqa: BLE001 - not installed, or installed without metadata
+        return "n/a"
+
+
+def crf_row(env: dict, quick: bool, r: "crf.CrfResult") -> dict:
+    c = r.case
+    mb = (lambda v: None if v is None else v / 1e6)
+    return {
+        **env,
+        "threads": c.threads or env["threads"],
+        "pydensecrf_version": pydensecrf_version(),
+        "quick": quick, "case": c.name, "kind": c.kind, "impl": c.impl, "batch": c.batch,
+        "labels": c.labels, "height": c.height, "width": c.width, "iterations": c.iterations,
+        "shape": c.shape,
+        "ours_build_ms": r.ours_build_ms, "ours_iter_ms": r.ours_iter_ms,
+        "ours_total_ms": r.ours_total_ms, "ours_total_iqr_ms": r.ours_total_iqr_ms,
+        "ref_build_ms": r.ref_build_ms, "ref_iter_ms": r.ref_iter_ms,
+        "ref_total_ms": r.ref_total_ms, "ref_total_iqr_ms": r.ref_total_iqr_ms,
+        "speedup": _ratio(r.ref_total_ms, r.ours_total_ms),
+        "build_speedup": _ratio(r.ref_build_ms, r.ours_build_ms),
+        "iter_speedup": _ratio(r.ref_iter_ms, r.ours_iter_ms),
+        "ours_peak_mb": mb(r.ours_peak_bytes), "ref_peak_mb": mb(r.ref_peak_bytes),
+        "h100_roofline_ms": r.h100_roofline_ms, "rounds": r.extra.get("rounds"), "check": r.check,
+    }
+
+
+def crf_header_line(env: dict) -> str:
+    return (f"deconvseg_fast dense CRF benchmark vs pydensecrf2 {pydensecrf_version()} | "
+            f"{env['device']}: {env['device_name']} | threads: {env['threads']} | "
+            f"load {env['load_avg_1m']} | torch {env['torch_version']} | commit {env['git_commit']} | "
+            f"{env['timestamp']}")
+
+
+def crf_table(rows: list[dict], fit_rows: list[dict], markdown: bool = False) -> str:
+    headers = [h for h, _, _ in CRF_TABLE_COLUMNS]
+    cells = [[fmt(r[key]) for _, key, fmt in CRF_TABLE_COLUMNS] for r in rows]
+    body = _aligned(headers, cells, markdown, _CRF_RIGHT)
+    legend = ("DeepLab's CRF (gaussian sxy 3 w 3, bilateral sxy 80 srgb 13 w 10, Potts, symmetric), "
+              "10 mean-field iterations unless the case says otherwise, on resized photographs "
+              "with a noisy unary. build = set-up incl. both lattices; total = build + iterations "
+              "of the same run (median); speed-up = pydensecrf total / ours total; pydensecrf is "
+              "single-threaded and loops over a batch; peak MB = growth of the peak RSS during one "
+              "call in a fresh process (voc and batch rows); check = MAP agreement and "
+              "max |Q_ours - Q_pydensecrf| on these inputs; "
+              "H100 roofline = max(bytes / 3.35 TB/s, flops / 67 TFLOP/s), see benchmarks/crf.py")
+    parts = [f"**{crf_header_line(rows[0])}**" if markdown else crf_header_line(rows[0]), "", body,
+             "", f"_{legend}_" if markdown else legend]
+    if fit_rows:
+        fh = ["sweep", "time", "intercept a ms", "slope b (ms per x)", "R^2", "range"]
+        fc = [[f["sweep"], f["y"], f"{f['a']:.1f}", f"{f['b']:.2f} per {f['x']}",
+               f"{f['r2']:.4f}", f["range"]] for f in fit_rows]
+        parts += ["", "linear fits t = a + b x (least squares):", "",
+                  _aligned(fh, fc, markdown, {"intercept a ms", "slope b (ms per x)", "R^2"})]
+    targets = []
+    for kind in ("voc", "batch4"):
+        best = [r for r in rows if r["kind"] == kind and r["speedup"] is not None]
+        if best:
+            top = max(best, key=lambda r: r["speedup"])
+            ok = "met" if top["speedup"] >= CRF_TARGET_SPEEDUP else "NOT met"
+            targets.append(f"{top['case']}: {top['speedup']:.2f}x vs target "
+                           f"{CRF_TARGET_SPEEDUP:g}x: {ok}")
+    if targets:
+        parts += ["", "targets: " + "; ".join(targets)]
+    return "\n".join(parts)
+
+
+def append_crf_csv(rows: list[dict], path: str) -> None:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    new = not p.exists() or p.stat().st_size == 0
+    if not new:
+        with p.open(newline="") as f:
+            existing = next(csv.reader(f), [])
+        if existing != CRF_CSV_COLUMNS:
+            raise BenchmarkConfigError(f"csv_path: {path} has different columns than the CRF suite "
+                                       f"writes; pass a new path or move the old file away")
+    with p.open("a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CRF_CSV_COLUMNS, extrasaction="ignore")
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow(r)
+
+
+def plot_crf(rows: list[dict], fit_rows: list[dict], path: str) -> None:
+    """Left: speed-up over pydensecrf per case. Right: ours' time against megapixels (with the fit)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 0.32 * len(rows) + 2.2))
+    y = list(range(len(rows)))
+    sp = [r["speedup"] or 0.0 for r in rows]
+    ax1.barh(y, sp, color=["tab:blue" if r["impl"] == "compat" else "tab:green" for r in rows])
+    ax1.set_yticks(y, [r["case"] for r in rows], fontsize=7)
+    ax1.invert_yaxis()
+    ax1.axvline(1.0, color="k", lw=0.8)
+    ax1.axvline(CRF_TARGET_SPEEDUP, color="tab:red", lw=0.8, ls="--")
+    ax1.set_xlabel("speed-up over pydensecrf (end to end, same inputs, same run)")
+    px = [r for r in rows if r["kind"] == "scale-px"]
+    if px:
+        xs = [r["height"] * r["width"] / 1e6 for r in px]
+        ax2.plot(xs, [r["ours_total_ms"] for r in px], "o-", label="ours")
+        if all(r["ref_total_ms"] is not None for r in px):
+            ax2.plot(xs, [r["ref_total_ms"] for r in px], "s-", label="pydensecrf")
+        for f in fit_rows:
+            if f["sweep"] == "scale-px" and f["y"] == "ours end-to-end ms":
+                ax2.plot(xs, [f["a"] + f["b"] * x for x in xs], "k:", lw=0.8,
+                         label=f"fit {f['a']:.0f} + {f['b']:.0f}/MP, R^2 {f['r2']:.3f}")
+        ax2.set_xlabel("megapixels")
+        ax2.set_ylabel("end-to-end ms")
+        ax2.legend(fontsize=7)
+    ax2.grid(alpha=0.3)
+    fig.suptitle(crf_header_line(rows[0]) if rows else "no rows", fontsize=8)
+    fig.tight_layout()
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(p, dpi=110)
+    plt.close(fig)
+
+
+def run_crf(device: str = "cpu", quick: bool = False, csv_path: str | None = None,
+            png_path: str | None = None, filter: str | None = None, *,  # noqa: A002
+            markdown: bool = False, stream: TextIO | None = None, progress: TextIO | None = None,
+            rounds: int | None = None) -> list[dict]:
+    """Time the selected CRF cases, ours vs pydensecrf; print the table and the linear fits,
+    append CRF_CSV_COLUMNS rows to `csv_path`, draw `png_path`, return the rows."""
+    stream = sys.stdout if stream is None else stream
+    progress = sys.stderr if progress is None else progress
+    selected = crf.select(crf.cases(quick=quick), filter)
+    if device != "cpu":
+        # The CRF suite times the CPU kernels (pydensecrf is CPU-only); GPU rows come with the
+        # CUDA lattice.
+        print(f"CRF benchmark: device {device!r} not supported yet, CRF cases run on the CPU",
+              file=progress, flush=True)
+    pd, why = crf.pydensecrf_status()
+    if pd is None:
+        print(f"warning: {why}; the CRF rows have no reference", file=progress, flush=True)
+    env = environment("cpu")
+    rounds = rounds or (2 if quick else 5)
+    results = []
+    t_start = time.perf_counter()
+    for i, case in enumerate(selected, 1):
+        print(f"[crf {i}/{len(selected)}] {case.name}", file=progress, flush=True)
+        results.append(crf.run_case(case, rounds, budget_s=1.0 if quick else None,
+                                    measure_peak=False if quick else None))
+    crf.clear_caches()
+    wall_s = time.perf_counter() - t_start
+    rows = [crf_row(env, quick, r) for r in results]
+    fit_rows = crf.fits(results)
+    if rows:
+        print(crf_table(rows, fit_rows, markdown), file=stream)
+    print(f"\n{len(rows)} CRF cases in {wall_s:.1f} s", file=stream)
+    if csv_path and rows:
+        append_crf_csv(rows, csv_path)
+        print(f"appended {len(rows)} rows to {csv_path}", file=stream)
+    if png_path and rows:
+        plot_crf(rows, fit_rows, png_path)
+        print(f"wrote {png_path}", file=stream)
+    return rows

@@ -222,7 +222,9 @@ def dense_crf(
         raise ValueError(f"image must be uint8 or floating point in 0..255, got {image.dtype}")
     if L < 1 or H < 1 or W < 1:
         raise ValueError(f"unary must have at least one label and one pixel, got {list(unary.shape)}")
-    if not torch.isfinite(unary).all():
+    # A sum is finite when every element is (checked without allocating a mask); only a sum that
+    # overflowed needs the element-wise look.
+    if not torch.isfinite(unary.sum()) and not torch.isfinite(unary).all():
         raise ValueError("unary must be finite (found NaN or Inf)")
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
         raise ValueError(f"iterations must be a non-negative int, got {iterations!r}")
@@ -244,7 +246,7 @@ def dense_crf(
         return torch.softmax(unary, 1)
     dtype = unary.dtype
     gaussian, xs, ys = _xy_lattice(H, W, sg)
-    g_norm = _crf_norm(gaussian, H * W, normalization, dtype)
+    g_norm = _xy_norm(gaussian, H, W, sg, normalization, dtype)
     weights = (gaussian_weight, bilateral_weight)
     tensors = [unary, gaussian_weight, bilateral_weight, compat]
     needs_grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
@@ -254,13 +256,13 @@ def dense_crf(
         bilateral = _crf.Lattice(torch.cat([torch.stack([xs / sb, ys / sb]), rgb / sc]))
         lattices = (gaussian, bilateral)
         norms = (g_norm, _crf_norm(bilateral, H * W, normalization, dtype))
-        logits = unary[b].reshape(L, -1).t()  # [N, L]: the kernels' point-major layout
         if needs_grad or dtype != torch.float32:
-            q = _mean_field_composed(logits, lattices, norms, weights, compat, normalization, iterations)
+            logits = unary[b].reshape(L, -1).t()  # [N, L]: the filter op's point-major layout
+            q = _mean_field_composed(logits, lattices, norms, weights, compat, normalization, iterations).t()
         else:
-            q = _mean_field_fused(logits, lattices, norms, weights, compat, normalization, iterations)
-        out.append(q.t().reshape(L, H, W))
-    return torch.stack(out)
+            q = _mean_field_fused(unary[b].reshape(L, -1), lattices, norms, weights, compat, normalization, iterations)
+        out.append(q.reshape(L, H, W))
+    return out[0].unsqueeze(0) if B == 1 else torch.stack(out)
 
 
 _XY_LATTICES: dict = {}
@@ -279,6 +281,19 @@ def _xy_lattice(h: int, w: int, sxy: float):
     return _XY_LATTICES[key]
 
 
+def _xy_norm(lattice, h: int, w: int, sxy: float, normalization: str, dtype):
+    key = (h, w, sxy, normalization, dtype)
+    cache = _XY_NORMS
+    if key not in cache:
+        cache[key] = _crf_norm(lattice, h * w, normalization, dtype)
+        while len(cache) > 2:
+            cache.pop(next(iter(cache)))
+    return cache[key]
+
+
+_XY_NORMS: dict = {}
+
+
 def _mean_field_composed(logits, lattices, norms, weights, compat, normalization, iterations):
     # Differentiable: every step is a torch op or the filter op (whose backward is its transpose).
     q = torch.softmax(logits, dim=1)
@@ -290,14 +305,14 @@ def _mean_field_composed(logits, lattices, norms, weights, compat, normalization
 
 def _mean_field_fused(logits, lattices, norms, weights, compat, normalization, iterations):
     # Inference only: one C++ call runs every iteration (slice, compatibility, softmax fused).
-    n, labels = logits.shape
+    # logits [L, N] -> Q [L, N].
+    labels, n = logits.shape
     ones = torch.ones(n)
     pre = torch.stack([norm.view(-1) if normalization in ("symmetric", "before") else ones for norm in norms])
     post = torch.stack([norm.view(-1) if normalization in ("symmetric", "after") else ones for norm in norms])
     eye = torch.eye(labels)
     mats = [float(w) * (compat.detach().float() if compat is not None else -eye) for w in weights]
-    flat = [t for lat in lattices for t in lat.tensors]
-    return _crf._ops.dense_crf_mean_field.default(logits.contiguous(), flat, pre, post, torch.stack(mats), iterations)
+    return _crf.mean_field(logits, lattices, pre, post, torch.stack(mats), iterations)
 
 
 def _crf_norm(lattice, n: int, normalization: str, dtype) -> torch.Tensor | None:

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -72,9 +73,16 @@ class VertexTable {
 
  private:
   uint64_t hash(const int32_t* key) const {
+    // Coordinates are small integers that vary together; a full 64-bit finaliser (splitmix64's)
+    // spreads them over the table, which a plain multiplicative hash with a power-of-two mask does
+    // not (long linear-probing runs on megapixel images).
     uint64_t h = 0;
-    for (int i = 0; i < d_; ++i) h = (h + static_cast<uint32_t>(key[i])) * 2531011ULL;
-    return h ^ (h >> 29);
+    for (int i = 0; i < d_; ++i) h = (h + static_cast<uint32_t>(key[i])) * 0x9E3779B97F4A7C15ULL;
+    h ^= h >> 30;
+    h *= 0xBF58476D1CE4E5B9ULL;
+    h ^= h >> 27;
+    h *= 0x94D049BB133111EBULL;
+    return h ^ (h >> 31);
   }
 
   int d_;
@@ -95,8 +103,15 @@ std::tuple<Tensor, Tensor, Tensor> permutohedral_lattice_cpu(const Tensor& featu
   TORCH_CHECK_VALUE(N * (d + 1) < (int64_t(1) << 31), "features: ", N, " points of dimension ", d,
                     " exceed the lattice's 32-bit indexing");
   const Tensor features = features_in.contiguous();
-  TORCH_CHECK_VALUE(at::isfinite(features).all().item<bool>(), "features must be finite (found NaN or Inf)");
   const float* f = features.const_data_ptr<float>();
+  {
+    std::atomic<bool> finite{true};
+    at::parallel_for(0, N * d, 1 << 16, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        if (!std::isfinite(f[i])) finite = false;
+    });
+    TORCH_CHECK_VALUE(finite.load(), "features must be finite (found NaN or Inf)");
+  }
   const int D1 = d + 1;
 
   float scale[lattice::kMaxDim];
@@ -219,11 +234,24 @@ LatticeView view_lattice(const Tensor& offsets, const Tensor& weights, const Ten
 template <typename T>
 constexpr int64_t kLanes = 64 / sizeof(T);
 
+// Few channels (the normalisation's filter of a constant image has one) are not padded: a 16-wide
+// block would do 16 times the work. Loops below then run over exactly Cp elements.
 template <typename T>
-int64_t padded(int64_t c) { return (c + kLanes<T> - 1) / kLanes<T> * kLanes<T>; }
+int64_t padded(int64_t c) { return c <= 2 ? c : (c + kLanes<T> - 1) / kLanes<T> * kLanes<T>; }
 
 // Fixed, so that the order of every sum is the same whatever the number of threads.
 constexpr int64_t kSplatParts = 8;
+
+// acc[0:Cp] += we * src[0:Cp], Cp a multiple of kLanes<T>.
+template <typename T>
+__attribute__((always_inline)) inline void axpy(T* __restrict acc, const T* __restrict src, T we, int64_t Cp) {
+  if (Cp % kLanes<T> != 0) {
+    for (int64_t c = 0; c < Cp; ++c) acc[c] += we * src[c];
+    return;
+  }
+  for (int64_t c0 = 0; c0 < Cp; c0 += kLanes<T>)
+    for (int64_t c = c0; c < c0 + kLanes<T>; ++c) acc[c] += we * src[c];
+}
 
 // Splat pixels [begin, end) into buf ([M+1, Cp], rows 1.. zeroed by the caller): buf[v+1] +=
 // weight * (scale[pixel] * in[pixel]); scale may be null. The product order is the reference
@@ -232,20 +260,16 @@ template <typename T>
 DSF_MULTIVERSION void splat_pixels(const T* __restrict in, const T* __restrict scale, const int32_t* __restrict off,
                                    const float* __restrict w, int64_t D1, int64_t Cp, int64_t begin, int64_t end,
                                    T* __restrict buf) {
+  std::vector<T> scaled(Cp);
   for (int64_t i = begin; i < end; ++i) {
-    const T s = scale ? scale[i] : T(1);
     const T* src = in + i * Cp;
-    for (int64_t r = 0; r < D1; ++r) {
-      const T we = w[i * D1 + r];
-      T* acc = buf + (static_cast<int64_t>(off[i * D1 + r]) + 1) * Cp;
-      if (scale) {
-        for (int64_t c0 = 0; c0 < Cp; c0 += kLanes<T>)
-          for (int64_t c = c0; c < c0 + kLanes<T>; ++c) acc[c] += we * (s * src[c]);
-      } else {
-        for (int64_t c0 = 0; c0 < Cp; c0 += kLanes<T>)
-          for (int64_t c = c0; c < c0 + kLanes<T>; ++c) acc[c] += we * src[c];
-      }
+    if (scale) {
+      const T s = scale[i];
+      for (int64_t c = 0; c < Cp; ++c) scaled[c] = s * src[c];
+      src = scaled.data();
     }
+    for (int64_t r = 0; r < D1; ++r)
+      axpy<T>(buf + (static_cast<int64_t>(off[i * D1 + r]) + 1) * Cp, src, static_cast<T>(w[i * D1 + r]), Cp);
   }
 }
 
@@ -257,9 +281,15 @@ DSF_MULTIVERSION void add_parts(const T* __restrict parts, int64_t part_stride, 
     T* dst = out + v * Cp;
     const T* src = parts + v * Cp;
     for (int64_t c = 0; c < Cp; ++c) dst[c] = src[c];
-    for (int64_t p = 1; p < P; ++p)
+    for (int64_t p = 1; p < P; ++p) {
+      const T* part = src + p * part_stride;
+      if (Cp % kLanes<T> != 0) {
+        for (int64_t c = 0; c < Cp; ++c) dst[c] += part[c];
+        continue;
+      }
       for (int64_t c0 = 0; c0 < Cp; c0 += kLanes<T>)
-        for (int64_t c = c0; c < c0 + kLanes<T>; ++c) dst[c] += src[p * part_stride + c];
+        for (int64_t c = c0; c < c0 + kLanes<T>; ++c) dst[c] += part[c];
+    }
   }
 }
 
@@ -273,6 +303,10 @@ DSF_MULTIVERSION void blur_range(const T* __restrict src, const int32_t* __restr
     const T* p1 = src + n1 * Cp;
     const T* p2 = src + n2 * Cp;
     T* out = dst + (v + 1) * Cp;
+    if (Cp % kLanes<T> != 0) {
+      for (int64_t c = 0; c < Cp; ++c) out[c] = o[c] + T(0.5) * (p1[c] + p2[c]);
+      continue;
+    }
     for (int64_t c0 = 0; c0 < Cp; c0 += kLanes<T>)
       for (int64_t c = c0; c < c0 + kLanes<T>; ++c) out[c] = o[c] + T(0.5) * (p1[c] + p2[c]);
   }
@@ -286,6 +320,10 @@ inline void slice_one(const T* __restrict buf, const LatticeView& L, int64_t i, 
     const int64_t vtx = L.off[i * L.D1 + r];
     const T we = L.w[i * L.D1 + r];
     const T* src = buf + (vtx + 1) * Cp;
+    if (Cp % kLanes<T> != 0) {
+      for (int64_t c = 0; c < Cp; ++c) out[c] += we * src[c] * alpha;
+      continue;
+    }
     for (int64_t c0 = 0; c0 < Cp; c0 += kLanes<T>)
       for (int64_t c = c0; c < c0 + kLanes<T>; ++c) out[c] += we * src[c] * alpha;
   }
@@ -409,58 +447,66 @@ inline float exp_approx(float x) {
 }
 
 // The mean-field update of pixels [begin, end), fused: slice every kernel's blurred buffer, scale by
-// its post-normalisation, apply its compatibility, add the logits, softmax, write Q.
-//   logits [N, L]; q [N, Lp] (padded, pad columns left 0); bufs[k] the blurred [M_k+1, Lp] buffers;
-//   post [K, N]; compat [K, L, L] (diag[k] set: only the diagonal is non-zero).
+// its post-normalisation, apply its compatibility, add the logits, softmax, write Q. Everything runs
+// over the padded label axis (Lp): padding logits are -1e30, so their exp is 0 and their Q is 0.
+//   logits [N, Lp]; q [N, Lp]; bufs[k] the blurred [M_k+1, Lp] buffers; post [K, N];
+//   compat [K, Lp, Lp] zero-padded (diag[k] set: only the diagonal is non-zero).
 DSF_MULTIVERSION void mean_field_update(const std::vector<LatticeView>& lats, const std::vector<const float*>& bufs,
                                         const float* __restrict post, const float* __restrict compat,
                                         const std::vector<char>& diag, const float* __restrict logits, int64_t N,
                                         int64_t L, int64_t Lp, int64_t begin, int64_t end, float* __restrict q) {
-  std::vector<float> f(Lp), t(Lp);
+  constexpr int64_t V = kLanes<float>;
+  std::vector<float> fbuf(Lp), tbuf(Lp);
+  float* __restrict f = fbuf.data();
+  float* __restrict t = tbuf.data();
   const int64_t K = static_cast<int64_t>(lats.size());
   for (int64_t i = begin; i < end; ++i) {
-    for (int64_t l = 0; l < L; ++l) t[l] = logits[i * L + l];
+    for (int64_t c = 0; c < Lp; ++c) t[c] = logits[i * Lp + c];
     for (int64_t k = 0; k < K; ++k) {
       const float alpha = lattice::slice_alpha(static_cast<int>(lats[k].D1 - 1));
-      slice_one(bufs[k], lats[k], i, Lp, alpha, f.data());
+      slice_one(bufs[k], lats[k], i, Lp, alpha, f);
       const float s = post[k * N + i];
-      for (int64_t l = 0; l < L; ++l) f[l] *= s;
-      const float* ck = compat + k * L * L;
+      const float* ck = compat + k * Lp * Lp;
       if (diag[k]) {
-        for (int64_t l = 0; l < L; ++l) t[l] -= ck[l * L + l] * f[l];
+        for (int64_t c0 = 0; c0 < Lp; c0 += V)
+          for (int64_t c = c0; c < c0 + V; ++c) t[c] -= ck[c * Lp + c] * (f[c] * s);
       } else {
+        for (int64_t c = 0; c < Lp; ++c) f[c] *= s;
         for (int64_t l = 0; l < L; ++l) {
           float acc = 0.f;
-          for (int64_t m = 0; m < L; ++m) acc += ck[l * L + m] * f[m];
+          for (int64_t m0 = 0; m0 < Lp; m0 += V)
+            for (int64_t m = m0; m < m0 + V; ++m) acc += ck[l * Lp + m] * f[m];
           t[l] -= acc;
         }
       }
     }
     float mx = t[0];
-    for (int64_t l = 1; l < L; ++l) mx = std::max(mx, t[l]);
+    for (int64_t c = 1; c < Lp; ++c) mx = std::max(mx, t[c]);
     float sum = 0.f;
-    for (int64_t l = 0; l < L; ++l) {
-      t[l] = exp_approx(t[l] - mx);
-      sum += t[l];
-    }
+    for (int64_t c0 = 0; c0 < Lp; c0 += V)
+      for (int64_t c = c0; c < c0 + V; ++c) {
+        t[c] = c < L ? exp_approx(t[c] - mx) : 0.f;
+        sum += t[c];
+      }
     const float inv = 1.0f / sum;
     float* qi = q + i * Lp;
-    for (int64_t l = 0; l < L; ++l) qi[l] = t[l] * inv;
+    for (int64_t c0 = 0; c0 < Lp; c0 += V)
+      for (int64_t c = c0; c < c0 + V; ++c) qi[c] = t[c] * inv;
   }
 }
 
 // Mean-field inference with K Gaussian kernels, one pass over the pixels per iteration on top of
-// each kernel's splat and blur. logits [N, L] float32; lattices: 6 tensors per kernel; pre/post
-// [K, N] per-pixel normalisation before splatting / after slicing; compat [K, L, L], subtracted
-// (Potts of weight w is -w * I). Returns Q [N, L].
+// each kernel's splat and blur. logits [L, N] float32 (the unary's own layout); lattices: 3 tensors
+// per kernel; pre/post [K, N] per-pixel normalisation before splatting / after slicing; compat
+// [K, L, L], subtracted (Potts of weight w is -w * I). Returns Q [L, N].
 Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices, const Tensor& pre_in,
                                 const Tensor& post_in, const Tensor& compat_in, int64_t iterations) {
   TORCH_CHECK_VALUE(logits_in.dim() == 2 && logits_in.scalar_type() == at::kFloat,
-                    "logits must be a float32 [N, L] tensor");
+                    "logits must be a float32 [L, N] tensor");
   TORCH_CHECK_VALUE(lattices.size() % 3 == 0 && !lattices.empty(), "lattices must hold 3 tensors per kernel, got ",
                     lattices.size());
   TORCH_CHECK_VALUE(iterations >= 0, "iterations must be non-negative, got ", iterations);
-  const int64_t N = logits_in.size(0), L = logits_in.size(1), K = static_cast<int64_t>(lattices.size() / 3);
+  const int64_t L = logits_in.size(0), N = logits_in.size(1), K = static_cast<int64_t>(lattices.size() / 3);
   TORCH_CHECK_VALUE(pre_in.sizes() == at::IntArrayRef({K, N}) && pre_in.scalar_type() == at::kFloat,
                     "pre must be a float32 [K, N] tensor");
   TORCH_CHECK_VALUE(post_in.sizes() == at::IntArrayRef({K, N}) && post_in.scalar_type() == at::kFloat,
@@ -474,24 +520,34 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
   }
   const Tensor logits = logits_in.contiguous(), pre = pre_in.contiguous(), post = post_in.contiguous(),
                compat = compat_in.contiguous();
-  const float* cp = compat.const_data_ptr<float>();
+  // Always whole vector blocks here: the update below has no small-width path.
+  const int64_t Lp = (L + kLanes<float> - 1) / kLanes<float> * kLanes<float>;
+  // Zero-padded [K, Lp, Lp] compatibility, and which kernels are diagonal (Potts).
+  std::vector<float> cpad(K * Lp * Lp, 0.f);
   std::vector<char> diag(K, 1);
+  const float* cp = compat.const_data_ptr<float>();
   for (int64_t k = 0; k < K; ++k)
     for (int64_t l = 0; l < L; ++l)
-      for (int64_t m = 0; m < L; ++m)
-        if (l != m && cp[(k * L + l) * L + m] != 0.f) diag[k] = 0;
-
-  const int64_t Lp = padded<float>(L);
+      for (int64_t m = 0; m < L; ++m) {
+        const float v = cp[(k * L + l) * L + m];
+        cpad[(k * Lp + l) * Lp + m] = v;
+        if (l != m && v != 0.f) diag[k] = 0;
+      }
+  // Point-major, padded logits; padding is -1e30 so it never wins the max and exps to 0.
+  Tensor lp = empty_output({N, Lp}, at::kFloat, at::MemoryFormat::Contiguous);
   Tensor q = empty_output({N, Lp}, at::kFloat, at::MemoryFormat::Contiguous);
+  float* lpp = lp.mutable_data_ptr<float>();
   float* qp = q.mutable_data_ptr<float>();
+  const float* lg = logits.const_data_ptr<float>();
+  at::parallel_for(0, N, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i)
+      for (int64_t c = 0; c < Lp; ++c) lpp[i * Lp + c] = c < L ? lg[c * N + i] : -1e30f;
+  });
   // Q0 = softmax(logits): the update with no kernels.
-  const std::vector<LatticeView> none;
+  const std::vector<LatticeView> no_lats;
   const std::vector<const float*> no_bufs;
-  const std::vector<char> no_diag;
   at::parallel_for(0, N, 1024, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) std::memset(qp + i * Lp + L, 0, (Lp - L) * sizeof(float));
-    mean_field_update(none, no_bufs, nullptr, nullptr, no_diag, logits.const_data_ptr<float>(), N, L, Lp, begin, end,
-                      qp);
+    mean_field_update(no_lats, no_bufs, nullptr, nullptr, diag, lpp, N, L, Lp, begin, end, qp);
   });
   std::vector<VertexBuffers<float>> vbufs;
   for (int64_t k = 0; k < K; ++k) vbufs.emplace_back(lats[k], Lp, at::kFloat);
@@ -501,12 +557,15 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
       blurred[k] = splat_blur<float>(lats[k], qp, pre.const_data_ptr<float>() + k * N, false, vbufs[k]);
     // Q is read by the splats above and rewritten below, one pixel per task: no races.
     at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
-      mean_field_update(lats, blurred, post.const_data_ptr<float>(), cp, diag, logits.const_data_ptr<float>(), N, L,
-                        Lp, begin, end, qp);
+      mean_field_update(lats, blurred, post.const_data_ptr<float>(), cpad.data(), diag, lpp, N, L, Lp, begin, end, qp);
     });
   }
-  Tensor out = empty_output({N, L}, at::kFloat, at::MemoryFormat::Contiguous);
-  copy_rows<float>(qp, Lp, out.mutable_data_ptr<float>(), L, N);
+  Tensor out = empty_output({L, N}, at::kFloat, at::MemoryFormat::Contiguous);
+  float* o = out.mutable_data_ptr<float>();
+  at::parallel_for(0, L, 1, [&](int64_t l0, int64_t l1) {
+    for (int64_t l = l0; l < l1; ++l)
+      for (int64_t i = 0; i < N; ++i) o[l * N + i] = qp[i * Lp + l];
+  });
   return out;
 }
 

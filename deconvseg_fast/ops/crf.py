@@ -72,7 +72,7 @@ class Lattice:
         if features.shape[1] == 0:
             raise ValueError("features must have at least one point (column)")
         f = features.detach().to(torch.float32).t().contiguous()
-        if not torch.isfinite(f).all():
+        if not torch.isfinite(f.sum()) and not torch.isfinite(f).all():
             raise ValueError("features must be finite (found NaN or Inf)")
         self.tensors = tuple(_ops.permutohedral_lattice.default(f))
         self.dim = features.shape[0]
@@ -95,3 +95,18 @@ class Lattice:
         if values.dim() != 2 or values.shape[0] != self.num_points:
             raise ValueError(f"values must be a [{self.num_points}, C] tensor, got {list(values.shape)}")
         return _ops.permutohedral_filter.default(values.contiguous(), *self.tensors, bool(reverse))
+
+
+def mean_field(logits: torch.Tensor, lattices, pre: torch.Tensor, post: torch.Tensor, compat: torch.Tensor,
+               iterations: int) -> torch.Tensor:
+    """Mean-field inference without autograd, all iterations in one C++ call.
+
+    logits [L, N] float32; lattices: K ``Lattice`` objects over the same N points; pre / post [K, N]:
+    each kernel's per-point normalisation before splatting and after slicing (ones for none);
+    compat [K, L, L]: each kernel's compatibility, subtracted (Potts of weight w is -w * I).
+    Per iteration: Q <- softmax(logits - sum_k compat_k (post_k * filter_k(pre_k * Q))).
+    Returns Q [L, N].
+    """
+    flat = [t for lat in lattices for t in lat.tensors]
+    return _ops.dense_crf_mean_field.default(logits.float().contiguous(), flat, pre.float().contiguous(),
+                                             post.float().contiguous(), compat.float().contiguous(), int(iterations))

@@ -243,7 +243,7 @@ class _Compatibility:
             return torch.eye(num_labels, dtype=torch.float32) * -self.weight
         if self.kind == "diagonal":
             return torch.diag(self.weight.reshape(-1))
-        return self.weight
+        return self.weight.t().contiguous()  # stored transposed for x @ W^T
 
     def subtract_applied_(self, out: torch.Tensor, x: torch.Tensor) -> None:
         """out -= apply(x), without a temporary for Potts (the common case)."""
@@ -478,9 +478,7 @@ class DenseCRF:
         pre = torch.stack([s[0] for s in scales])
         post = torch.stack([s[1] for s in scales])
         compat = torch.stack([p.compat.matrix(self._nlabel) for p in self._pairwise])
-        lattices = [t for p in self._pairwise for t in p.lattice.tensors]
-        q = _crf_ops._ops.dense_crf_mean_field.default(logits.contiguous(), lattices, pre, post,
-                                                        compat, niter)
+        q = _crf_ops.mean_field(logits.t(), [p.lattice for p in self._pairwise], pre, post, compat, niter).t()
         return q[:n] if phantoms else q
 
     def startInference(self):  # noqa: N802
