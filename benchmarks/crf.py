@@ -122,7 +122,10 @@ def _hw_for_megapixels(mp: float) -> tuple[int, int]:
     return h, round(h * 4 / 3)
 
 
-def cases(quick: bool = False) -> list[CrfCase]:
+def cases(quick: bool = False, sweeps: bool = False) -> list[CrfCase]:
+    """The CRF cases. Full size: the VOC and batch rows, plus with `sweeps` the pixel, label and
+    thread sweeps (about two more minutes, so `deconvseg-fast bench` runs them only on --sweeps or
+    when a --filter asks for them). Quick: every kind, tiny."""
     impls = ["compat"] + (["functional"] if functional_dense_crf() is not None else [])
     if quick:  # seconds, for the CLI test: same kinds of rows, tiny images, 2 iterations
         h, w, L, it = 60, 80, 5, 2
@@ -135,6 +138,8 @@ def cases(quick: bool = False) -> list[CrfCase]:
     h, w = VOC_HW
     out = [CrfCase("voc", i, h, w, VOC_LABELS) for i in impls]
     out += [CrfCase("batch4", i, h, w, VOC_LABELS, batch=4) for i in impls]
+    if not sweeps:
+        return out
     best = impls[-1]  # the batched functional path once it exists
     out += [CrfCase("scale-px", best, *_hw_for_megapixels(mp), VOC_LABELS)
             for mp in (0.1, 0.25, 0.5, 1.0, 2.0)]

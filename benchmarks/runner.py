@@ -198,7 +198,7 @@ def _first(out):
 def run(device: str = "cpu", quick: bool = False, csv_path: str | None = DEFAULT_CSV,
         png_path: str | None = DEFAULT_PNG, filter: str | None = None, *,  # noqa: A002
         markdown: bool = False, stream: TextIO | None = None, progress: TextIO | None = None,
-        rounds: int | None = None, min_run_time: float | None = None) -> list[dict]:
+        rounds: int | None = None, min_run_time: float | None = None, sweeps: bool = False) -> list[dict]:
     """Time every (selected) pooling case, ours vs torch vs a copy of the same bytes.
 
     Prints the table to `stream` (stdout) and one progress line per case to `progress` (stderr),
@@ -212,10 +212,11 @@ def run(device: str = "cpu", quick: bool = False, csv_path: str | None = DEFAULT
     if device == "cuda" and not torch.cuda.is_available():
         raise BenchmarkConfigError("device: 'cuda' requested but torch.cuda.is_available() is False")
     selected = pooling.select(pooling.cases(quick=quick), filter)
-    crf_selected = crf.select(crf.cases(quick=quick), filter)
+    sweeps = sweeps or bool(filter)
+    crf_selected = crf.select(crf.cases(quick=quick, sweeps=sweeps), filter)
     if not selected and not crf_selected:
         names = ", ".join([c.name for c in pooling.cases(quick=quick)]
-                          + [c.name for c in crf.cases(quick=quick)])
+                          + [c.name for c in crf.cases(quick=quick, sweeps=True)])
         raise BenchmarkConfigError(f"filter: no case name contains {filter!r}; cases are: {names}")
     rounds = rounds or (QUICK_ROUNDS if quick else FULL_ROUNDS)
     min_run_time = min_run_time or (QUICK_MIN_RUN_TIME if quick else FULL_MIN_RUN_TIME)
@@ -294,7 +295,7 @@ def run(device: str = "cpu", quick: bool = False, csv_path: str | None = DEFAULT
             print(file=stream)
         run_crf(device=device, quick=quick, csv_path=crf_sibling(csv_path, "csv"),
                 png_path=crf_sibling(png_path, "png"), filter=filter, markdown=markdown,
-                stream=stream, progress=progress)
+                stream=stream, progress=progress, sweeps=sweeps)
     return rows
 
 
@@ -620,12 +621,12 @@ def plot_crf(rows: list[dict], fit_rows: list[dict], path: str) -> None:
 def run_crf(device: str = "cpu", quick: bool = False, csv_path: str | None = None,
             png_path: str | None = None, filter: str | None = None, *,  # noqa: A002
             markdown: bool = False, stream: TextIO | None = None, progress: TextIO | None = None,
-            rounds: int | None = None) -> list[dict]:
+            rounds: int | None = None, sweeps: bool = False) -> list[dict]:
     """Time the selected CRF cases, ours vs pydensecrf; print the table and the linear fits,
     append CRF_CSV_COLUMNS rows to `csv_path`, draw `png_path`, return the rows."""
     stream = sys.stdout if stream is None else stream
     progress = sys.stderr if progress is None else progress
-    selected = crf.select(crf.cases(quick=quick), filter)
+    selected = crf.select(crf.cases(quick=quick, sweeps=sweeps or bool(filter)), filter)
     if device != "cpu":
         # The CRF suite times the CPU kernels (pydensecrf is CPU-only); GPU rows come with the
         # CUDA lattice.

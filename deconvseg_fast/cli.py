@@ -1,6 +1,6 @@
 """The `deconvseg-fast` command.
 
-    deconvseg-fast bench [--device cpu|cuda] [--quick] [--csv PATH] [--plot PATH]
+    deconvseg-fast bench [--device cpu|cuda] [--quick] [--sweeps] [--csv PATH] [--plot PATH]
                          [--filter SUBSTR] [--markdown]
 
 torch is imported only inside the subcommands, so `deconvseg-fast --help` answers at once.
@@ -58,7 +58,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     except LookupError as e:
         _fail(str(e))
     try:
-        runner.run(device=args.device, quick=args.quick, csv_path=args.csv, png_path=args.plot,
+        runner.run(device=args.device, quick=args.quick, csv_path=args.csv, png_path=args.plot, sweeps=args.sweeps,
                    filter=args.filter, markdown=args.markdown)
     except runner.BenchmarkConfigError as e:  # --filter matching nothing, a CSV of another layout
         _fail(str(e))
@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--filter", default=None, metavar="SUBSTR",
                        help="only cases whose name contains SUBSTR (case-insensitive), "
                             "e.g. 'max_unpool2d[packed]' or ' CL'")
+    bench.add_argument("--sweeps", action="store_true",
+                       help="also run the CRF scaling sweeps over pixels, labels and threads (~2 more minutes)")
     bench.add_argument("--markdown", action="store_true",
                        help="print the tables as GitHub markdown")
     bench.set_defaults(func=_cmd_bench)
