@@ -450,26 +450,30 @@ inline float exp_approx(float x) {
 // its post-normalisation, apply its compatibility, add the logits, softmax, write Q. Everything runs
 // over the padded label axis (Lp): padding logits are -1e30, so their exp is 0 and their Q is 0.
 //   logits [N, Lp]; q [N, Lp]; bufs[k] the blurred [M_k+1, Lp] buffers; post [K, N];
-//   compat [K, Lp, Lp] zero-padded (diag[k] set: only the diagonal is non-zero).
+//   compat [K, Lp, Lp] zero-padded, diagonal [K, Lp] its diagonals (diag[k] set: only the diagonal
+//   is non-zero).
 DSF_MULTIVERSION void mean_field_update(const std::vector<LatticeView>& lats, const std::vector<const float*>& bufs,
                                         const float* __restrict post, const float* __restrict compat,
-                                        const std::vector<char>& diag, const float* __restrict logits, int64_t N,
+                                        const float* __restrict diagonal, const std::vector<char>& diag,
+                                        const float* __restrict logits, int64_t N,
                                         int64_t L, int64_t Lp, int64_t begin, int64_t end, float* __restrict q) {
   constexpr int64_t V = kLanes<float>;
   std::vector<float> fbuf(Lp), tbuf(Lp);
   float* __restrict f = fbuf.data();
   float* __restrict t = tbuf.data();
   const int64_t K = static_cast<int64_t>(lats.size());
+  std::vector<float> alphas(K);
+  for (int64_t k = 0; k < K; ++k) alphas[k] = lattice::slice_alpha(static_cast<int>(lats[k].D1 - 1));
   for (int64_t i = begin; i < end; ++i) {
     for (int64_t c = 0; c < Lp; ++c) t[c] = logits[i * Lp + c];
     for (int64_t k = 0; k < K; ++k) {
-      const float alpha = lattice::slice_alpha(static_cast<int>(lats[k].D1 - 1));
-      slice_one(bufs[k], lats[k], i, Lp, alpha, f);
+      slice_one(bufs[k], lats[k], i, Lp, alphas[k], f);
       const float s = post[k * N + i];
       const float* ck = compat + k * Lp * Lp;
       if (diag[k]) {
+        const float* dk = diagonal + k * Lp;  // ck's diagonal, contiguous so the loop vectorises
         for (int64_t c0 = 0; c0 < Lp; c0 += V)
-          for (int64_t c = c0; c < c0 + V; ++c) t[c] -= ck[c * Lp + c] * (f[c] * s);
+          for (int64_t c = c0; c < c0 + V; ++c) t[c] -= dk[c] * (f[c] * s);
       } else {
         for (int64_t c = 0; c < Lp; ++c) f[c] *= s;
         for (int64_t l = 0; l < L; ++l) {
@@ -480,15 +484,25 @@ DSF_MULTIVERSION void mean_field_update(const std::vector<LatticeView>& lats, co
         }
       }
     }
-    float mx = t[0];
-    for (int64_t c = 1; c < Lp; ++c) mx = std::max(mx, t[c]);
-    float sum = 0.f;
+    // Max and sum as V independent lanes, then a tree: a single running scalar would chain every
+    // label through one register (and float reductions do not vectorise by themselves).
+    float lane[V];
+    for (int64_t c = 0; c < V; ++c) lane[c] = t[c];
+    for (int64_t c0 = V; c0 < Lp; c0 += V)
+      for (int64_t c = 0; c < V; ++c) lane[c] = lane[c] > t[c0 + c] ? lane[c] : t[c0 + c];
+    for (int64_t w = V / 2; w >= 1; w /= 2)
+      for (int64_t c = 0; c < w; ++c) lane[c] = lane[c] > lane[c + w] ? lane[c] : lane[c + w];
+    const float mx = lane[0];
+    for (int64_t c = 0; c < V; ++c) lane[c] = 0.f;
     for (int64_t c0 = 0; c0 < Lp; c0 += V)
-      for (int64_t c = c0; c < c0 + V; ++c) {
-        t[c] = c < L ? exp_approx(t[c] - mx) : 0.f;
-        sum += t[c];
+      for (int64_t c = 0; c < V; ++c) {
+        const float e = c0 + c < L ? exp_approx(t[c0 + c] - mx) : 0.f;
+        t[c0 + c] = e;
+        lane[c] += e;
       }
-    const float inv = 1.0f / sum;
+    for (int64_t w = V / 2; w >= 1; w /= 2)
+      for (int64_t c = 0; c < w; ++c) lane[c] += lane[c + w];
+    const float inv = 1.0f / lane[0];
     float* qi = q + i * Lp;
     for (int64_t c0 = 0; c0 < Lp; c0 += V)
       for (int64_t c = c0; c < c0 + V; ++c) qi[c] = t[c] * inv;
@@ -523,7 +537,7 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
   // Always whole vector blocks here: the update below has no small-width path.
   const int64_t Lp = (L + kLanes<float> - 1) / kLanes<float> * kLanes<float>;
   // Zero-padded [K, Lp, Lp] compatibility, and which kernels are diagonal (Potts).
-  std::vector<float> cpad(K * Lp * Lp, 0.f);
+  std::vector<float> cpad(K * Lp * Lp, 0.f), cdiag(K * Lp, 0.f);
   std::vector<char> diag(K, 1);
   const float* cp = compat.const_data_ptr<float>();
   for (int64_t k = 0; k < K; ++k)
@@ -531,6 +545,7 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
       for (int64_t m = 0; m < L; ++m) {
         const float v = cp[(k * L + l) * L + m];
         cpad[(k * Lp + l) * Lp + m] = v;
+        if (l == m) cdiag[k * Lp + l] = v;
         if (l != m && v != 0.f) diag[k] = 0;
       }
   // Point-major, padded logits; padding is -1e30 so it never wins the max and exps to 0.
@@ -547,7 +562,7 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
   const std::vector<LatticeView> no_lats;
   const std::vector<const float*> no_bufs;
   at::parallel_for(0, N, 1024, [&](int64_t begin, int64_t end) {
-    mean_field_update(no_lats, no_bufs, nullptr, nullptr, diag, lpp, N, L, Lp, begin, end, qp);
+    mean_field_update(no_lats, no_bufs, nullptr, nullptr, nullptr, diag, lpp, N, L, Lp, begin, end, qp);
   });
   std::vector<VertexBuffers<float>> vbufs;
   for (int64_t k = 0; k < K; ++k) vbufs.emplace_back(lats[k], Lp, at::kFloat);
@@ -557,7 +572,8 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
       blurred[k] = splat_blur<float>(lats[k], qp, pre.const_data_ptr<float>() + k * N, false, vbufs[k]);
     // Q is read by the splats above and rewritten below, one pixel per task: no races.
     at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
-      mean_field_update(lats, blurred, post.const_data_ptr<float>(), cpad.data(), diag, lpp, N, L, Lp, begin, end, qp);
+      mean_field_update(lats, blurred, post.const_data_ptr<float>(), cpad.data(), cdiag.data(), diag, lpp, N, L, Lp,
+                        begin, end, qp);
     });
   }
   Tensor out = empty_output({L, N}, at::kFloat, at::MemoryFormat::Contiguous);
