@@ -1,4 +1,4 @@
-"""Public functions with torch-compatible signatures.
+"""Public functions with torch-compatible signatures: switch pooling and the dense CRF.
 
 ``max_pool2d`` and ``max_unpool2d`` take the same arguments, with the same defaults, as
 ``torch.nn.functional``'s, plus ``index_format`` (see docs/switches.md):
