@@ -342,19 +342,20 @@ def markdown_table(rows: list[dict]) -> str:
     return _table(rows, markdown=True)
 
 
-def append_csv(rows: list[dict], path: str) -> None:
+def append_csv(rows: list[dict], path: str, columns: list[str] | None = None) -> None:
     """Append rows; write the header when the file is new. Refuses to mix column layouts."""
+    columns = CSV_COLUMNS if columns is None else columns
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     new = not p.exists() or p.stat().st_size == 0
     if not new:
         with p.open(newline="") as f:
             existing = next(csv.reader(f), [])
-        if existing != CSV_COLUMNS:
-            raise BenchmarkConfigError(f"csv_path: {path} has different columns than this runner writes; "
-                             f"pass a new path or move the old file away")
+        if existing != columns:
+            raise BenchmarkConfigError(f"csv_path: {path} has different columns than this suite writes; "
+                                       f"pass a new path or move the old file away")
     with p.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         if new:
             w.writeheader()
         for r in rows:
@@ -564,21 +565,7 @@ def crf_table(rows: list[dict], fit_rows: list[dict], markdown: bool = False) ->
 
 
 def append_crf_csv(rows: list[dict], path: str) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    new = not p.exists() or p.stat().st_size == 0
-    if not new:
-        with p.open(newline="") as f:
-            existing = next(csv.reader(f), [])
-        if existing != CRF_CSV_COLUMNS:
-            raise BenchmarkConfigError(f"csv_path: {path} has different columns than the CRF suite "
-                                       f"writes; pass a new path or move the old file away")
-    with p.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CRF_CSV_COLUMNS, extrasaction="ignore")
-        if new:
-            w.writeheader()
-        for r in rows:
-            w.writerow(r)
+    append_csv(rows, path, CRF_CSV_COLUMNS)
 
 
 def plot_crf(rows: list[dict], fit_rows: list[dict], path: str) -> None:

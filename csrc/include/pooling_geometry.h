@@ -3,11 +3,7 @@
 #pragma once
 #include <cstdint>
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-#define DSF_HD __host__ __device__ __forceinline__
-#else
-#define DSF_HD inline
-#endif
+#include "hd.h"
 
 namespace deconvseg {
 
