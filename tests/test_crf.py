@@ -235,6 +235,8 @@ def test_lattice_bad_input():
         Lattice(torch.tensor([[0.0, float("nan")]]))
     with pytest.raises(ValueError, match="dimensions"):
         Lattice(torch.rand(33, 4))
+    with pytest.raises(ValueError, match="1e6"):
+        Lattice(torch.tensor([[0.0, 3e7]]))
     with pytest.raises(ValueError, match="values"):
         Lattice(torch.rand(2, 4)).filter(torch.rand(3, 5))
     with pytest.raises(ValueError, match="features"):

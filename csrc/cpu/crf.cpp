@@ -105,12 +105,17 @@ std::tuple<Tensor, Tensor, Tensor> permutohedral_lattice_cpu(const Tensor& featu
   const Tensor features = features_in.contiguous();
   const float* f = features.const_data_ptr<float>();
   {
-    std::atomic<bool> finite{true};
+    // Lattice coordinates are int32: beyond 1e6 standard deviations they could overflow.
+    std::atomic<bool> finite{true}, bounded{true};
     at::parallel_for(0, N * d, 1 << 16, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
+      for (int64_t i = begin; i < end; ++i) {
         if (!std::isfinite(f[i])) finite = false;
+        else if (std::fabs(f[i]) > 1e6f) bounded = false;
+      }
     });
     TORCH_CHECK_VALUE(finite.load(), "features must be finite (found NaN or Inf)");
+    TORCH_CHECK_VALUE(bounded.load(), "features must lie within +-1e6 (they are positions divided by standard "
+                      "deviations; is a standard deviation tiny?)");
   }
   const int D1 = d + 1;
 
