@@ -278,22 +278,32 @@ DSF_MULTIVERSION void splat_pixels(const T* __restrict in, const T* __restrict s
   }
 }
 
-// out[v] = sum of parts[p][v] for p = 0..P-1, in that order, for rows [begin, end).
+// out[v] = sum of parts[p][v] for p = 0..P-1, in that order, for rows [begin, end); the parts are
+// zeroed as they are read, ready for the next splat (no separate clearing pass).
 template <typename T>
-DSF_MULTIVERSION void add_parts(const T* __restrict parts, int64_t part_stride, int64_t P, int64_t Cp, int64_t begin,
+DSF_MULTIVERSION void add_parts(T* __restrict parts, int64_t part_stride, int64_t P, int64_t Cp, int64_t begin,
                                 int64_t end, T* __restrict out) {
   for (int64_t v = begin; v < end; ++v) {
     T* dst = out + v * Cp;
-    const T* src = parts + v * Cp;
-    for (int64_t c = 0; c < Cp; ++c) dst[c] = src[c];
+    T* src = parts + v * Cp;
+    for (int64_t c = 0; c < Cp; ++c) {
+      dst[c] = src[c];
+      src[c] = T(0);
+    }
     for (int64_t p = 1; p < P; ++p) {
-      const T* part = src + p * part_stride;
+      T* part = src + p * part_stride;
       if (Cp % kLanes<T> != 0) {
-        for (int64_t c = 0; c < Cp; ++c) dst[c] += part[c];
+        for (int64_t c = 0; c < Cp; ++c) {
+          dst[c] += part[c];
+          part[c] = T(0);
+        }
         continue;
       }
       for (int64_t c0 = 0; c0 < Cp; c0 += kLanes<T>)
-        for (int64_t c = c0; c < c0 + kLanes<T>; ++c) dst[c] += part[c];
+        for (int64_t c = c0; c < c0 + kLanes<T>; ++c) {
+          dst[c] += part[c];
+          part[c] = T(0);
+        }
     }
   }
 }
@@ -347,7 +357,9 @@ struct VertexBuffers {
   Tensor parts, a, b;
   int64_t rows, Cp;
   VertexBuffers(const LatticeView& L, int64_t Cp_, at::ScalarType dtype) : rows(L.M + 1), Cp(Cp_) {
-    parts = empty_output({kSplatParts, rows, Cp}, dtype, at::MemoryFormat::Contiguous);
+    // Zero once; add_parts leaves them zero after every use.
+    parts = at::detail::empty_generic({kSplatParts, rows, Cp}, &HugePageAllocator::instance(),
+                                      c10::DispatchKeySet(c10::DispatchKey::CPU), dtype, std::nullopt).zero_();
     a = empty_output({rows, Cp}, dtype, at::MemoryFormat::Contiguous);
     b = empty_output({rows, Cp}, dtype, at::MemoryFormat::Contiguous);
   }
@@ -361,7 +373,6 @@ const T* splat_blur(const LatticeView& L, const T* in, const T* scale, bool reve
   T* b = bufs.b.template mutable_data_ptr<T>();
   at::parallel_for(0, kSplatParts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      std::memset(parts + p * stride, 0, stride * sizeof(T));
       splat_pixels<T>(in, scale, L.off, L.w, L.D1, Cp, p * L.N / kSplatParts, (p + 1) * L.N / kSplatParts,
                       parts + p * stride);
     }
@@ -570,7 +581,7 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
     mean_field_update(no_lats, no_bufs, nullptr, nullptr, nullptr, diag, lpp, N, L, Lp, begin, end, qp);
   });
   std::vector<VertexBuffers<float>> vbufs;
-  for (int64_t k = 0; k < K; ++k) vbufs.emplace_back(lats[k], Lp, at::kFloat);
+  for (int64_t k = 0; k < K && iterations > 0; ++k) vbufs.emplace_back(lats[k], Lp, at::kFloat);
   std::vector<const float*> blurred(K);
   for (int64_t it = 0; it < iterations; ++it) {
     for (int64_t k = 0; k < K; ++k)
