@@ -71,6 +71,18 @@ _GATHER_BLOCK = 256
 # jit helpers
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _program_lanes(total, INDEX_64: tl.constexpr, BLOCK: tl.constexpr):
+    # This program's BLOCK flat element indices and which of them exist. The program id is widened
+    # to int64 before the multiply; the indices drop back to int32 when every tensor allows it.
+    pid = tl.program_id(0).to(tl.int64)
+    e = pid * BLOCK + tl.arange(0, BLOCK)
+    emask = e < total
+    if not INDEX_64:
+        e = e.to(tl.int32)
+    return e, emask
+
+
+@triton.jit
 def _split_index(e, C, H, W, CHANNELS_LAST: tl.constexpr):
     # Linear index -> (n, c, h, w) in the order the memory format stores them, so consecutive
     # lanes touch consecutive addresses (W fastest for NCHW, C fastest for channels_last).
@@ -150,11 +162,7 @@ def _max_pool2d_switches_kernel(
     CHANNELS_LAST: tl.constexpr, ACC_FP64: tl.constexpr, INDEX_64: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    e = pid * BLOCK + tl.arange(0, BLOCK)
-    emask = e < total
-    if not INDEX_64:
-        e = e.to(tl.int32)
+    e, emask = _program_lanes(total, INDEX_64, BLOCK)
     # One lane row per switch element; PACK columns cover the pooled columns a packed byte holds,
     # so the byte is assembled in registers and written once.
     n, c, oh, q = _split_index(e, C, Ho, Wq, CHANNELS_LAST)
@@ -228,11 +236,7 @@ def _window_gather_kernel(
     BLOCK: tl.constexpr,
 ):
     # Only correct when every flat switch lies in its own window (checked by the launcher).
-    pid = tl.program_id(0).to(tl.int64)
-    e = pid * BLOCK + tl.arange(0, BLOCK)
-    emask = e < total
-    if not INDEX_64:
-        e = e.to(tl.int32)
+    e, emask = _program_lanes(total, INDEX_64, BLOCK)
     n, c, h, w = _split_index(e, C, H, W, CHANNELS_LAST)
     src_row = n * ssn + c * ssc
     sw_row = n * swn + c * swc
@@ -290,11 +294,7 @@ def _switch_lanes(sw_ptr, total, C, Hp, Wp, Wq, H, W, HW, swn, swc, swh, sww,
                   CHANNELS_LAST: tl.constexpr, INDEX_64: tl.constexpr, BLOCK: tl.constexpr):
     # This program's BLOCK switch elements as [BLOCK, PACK] pooled lanes (PACK columns share a
     # packed byte), each decoded to its (h, w) in the H x W plane and an ERR_* class.
-    pid = tl.program_id(0).to(tl.int64)
-    e = pid * BLOCK + tl.arange(0, BLOCK)
-    emask = e < total
-    if not INDEX_64:
-        e = e.to(tl.int32)
+    e, emask = _program_lanes(total, INDEX_64, BLOCK)
     n, c, oh, q = _split_index(e, C, Hp, Wq, CHANNELS_LAST)
     t = tl.arange(0, PACK)
     ow = q[:, None] * PACK + t[None, :]  # [BLOCK, PACK]
