@@ -365,18 +365,29 @@ struct VertexBuffers {
   }
 };
 
+// Pixels [p*N/P, (p+1)*N/P) of part p: the fixed partition every splat uses.
+inline int64_t part_begin(int64_t p, int64_t N) { return p * N / kSplatParts; }
+
+// Splat `in` [N, Cp] (times scale[N], if given) into the per-part buffers, pixels in order.
 template <typename T>
-const T* splat_blur(const LatticeView& L, const T* in, const T* scale, bool reverse, VertexBuffers<T>& bufs) {
+void splat_parts(const LatticeView& L, const T* in, const T* scale, VertexBuffers<T>& bufs) {
+  const int64_t stride = bufs.rows * bufs.Cp;
+  T* parts = bufs.parts.template mutable_data_ptr<T>();
+  at::parallel_for(0, kSplatParts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      splat_pixels<T>(in, scale, L.off, L.w, L.D1, bufs.Cp, part_begin(p, L.N), part_begin(p + 1, L.N),
+                      parts + p * stride);
+  });
+}
+
+// Add the parts in part order (clearing them) and blur along every axis; returns the buffer that
+// holds the result.
+template <typename T>
+const T* reduce_blur(const LatticeView& L, bool reverse, VertexBuffers<T>& bufs) {
   const int64_t Cp = bufs.Cp, rows = bufs.rows, stride = rows * Cp;
   T* parts = bufs.parts.template mutable_data_ptr<T>();
   T* a = bufs.a.template mutable_data_ptr<T>();
   T* b = bufs.b.template mutable_data_ptr<T>();
-  at::parallel_for(0, kSplatParts, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p) {
-      splat_pixels<T>(in, scale, L.off, L.w, L.D1, Cp, p * L.N / kSplatParts, (p + 1) * L.N / kSplatParts,
-                      parts + p * stride);
-    }
-  });
   at::parallel_for(0, rows, 512, [&](int64_t begin, int64_t end) {
     add_parts<T>(parts, stride, kSplatParts, Cp, begin, end, a);
   });
@@ -417,7 +428,8 @@ Tensor filter_impl(const Tensor& values_in, const LatticeView& L, bool reverse) 
     copy_rows<T>(values.const_data_ptr<T>(), C, in.mutable_data_ptr<T>(), Cp, N);
   }
   VertexBuffers<T> bufs(L, Cp, dtype);
-  const T* blurred = splat_blur<T>(L, in.const_data_ptr<T>(), nullptr, reverse, bufs);
+  splat_parts<T>(L, in.const_data_ptr<T>(), nullptr, bufs);
+  const T* blurred = reduce_blur<T>(L, reverse, bufs);
   Tensor out_p = empty_output({N, Cp}, dtype, at::MemoryFormat::Contiguous);
   const T alpha = static_cast<T>(lattice::slice_alpha(static_cast<int>(L.D1 - 1)));
   at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
@@ -583,13 +595,27 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
   std::vector<VertexBuffers<float>> vbufs;
   for (int64_t k = 0; k < K && iterations > 0; ++k) vbufs.emplace_back(lats[k], Lp, at::kFloat);
   std::vector<const float*> blurred(K);
+  const float* pre_p = pre.const_data_ptr<float>();
+  for (int64_t k = 0; k < K && iterations > 0; ++k) splat_parts<float>(lats[k], qp, pre_p + k * N, vbufs[k]);
   for (int64_t it = 0; it < iterations; ++it) {
-    for (int64_t k = 0; k < K; ++k)
-      blurred[k] = splat_blur<float>(lats[k], qp, pre.const_data_ptr<float>() + k * N, false, vbufs[k]);
-    // Q is read by the splats above and rewritten below, one pixel per task: no races.
-    at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
-      mean_field_update(lats, blurred, post.const_data_ptr<float>(), cpad.data(), cdiag.data(), diag, lpp, N, L, Lp,
-                        begin, end, qp);
+    for (int64_t k = 0; k < K; ++k) blurred[k] = reduce_blur<float>(lats[k], false, vbufs[k]);
+    // One task per splat part: update a block of pixels, then splat the new Q rows (still in
+    // cache) into that part for the next iteration. The slices read the blurred buffers and the
+    // splats write the part buffers, so nothing is read and written at once; each part receives
+    // its pixels in order, as in splat_parts, so the sums are the same bits.
+    const bool splat_next = it + 1 < iterations;
+    at::parallel_for(0, kSplatParts, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t hi = part_begin(p + 1, N);
+        for (int64_t lo = part_begin(p, N); lo < hi; lo += 256) {
+          const int64_t end = std::min(hi, lo + 256);
+          mean_field_update(lats, blurred, post.const_data_ptr<float>(), cpad.data(), cdiag.data(), diag, lpp, N, L,
+                            Lp, lo, end, qp);
+          for (int64_t k = 0; k < K && splat_next; ++k)
+            splat_pixels<float>(qp, pre_p + k * N, lats[k].off, lats[k].w, lats[k].D1, Lp, lo, end,
+                                vbufs[k].parts.mutable_data_ptr<float>() + p * vbufs[k].rows * Lp);
+        }
+      }
     });
   }
   Tensor out = empty_output({L, N}, at::kFloat, at::MemoryFormat::Contiguous);
