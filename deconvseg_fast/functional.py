@@ -159,15 +159,29 @@ def permutohedral_filter(values: torch.Tensor, features: torch.Tensor) -> torch.
     return torch.stack(outs) if outs else values.clone()
 
 
-def _crf_memory_estimate(n: int, labels: int, itemsize: int) -> int:
-    """Upper bound on the bytes one image's CRF allocates (worst case: every simplex corner a vertex)."""
+def _lattice_memory(n: int) -> int:
+    """Upper bound on the bytes building one image's two lattices takes (worst case: every simplex
+    corner its own vertex): offsets, weights and build-time keys per corner, neighbours per axis."""
     total = 0
     for d in (2, 5):
         corners = n * (d + 1)
-        lanes = -(-labels * itemsize // 64) * 64 // itemsize
-        total += corners * (4 + 4 + 4 + 4 + 4 * d)  # offsets, weights, splat lists, build-time keys
-        total += corners * 2 * 4 + 2 * (corners + 1) * lanes * itemsize  # neighbours per axis, blur buffers
-    return total + 8 * n * labels * itemsize  # Q, logits, messages, autograd copies
+        total += corners * (4 + 4 + 4 * d) + (d + 1) * corners * 2 * 4
+    return total
+
+
+def _mean_field_memory(lattices, n: int, labels: int, itemsize: int) -> int:
+    """Bytes mean field allocates once the lattices (and so their vertex counts) are known: per kernel
+    the splat parts and two blur buffers of [M+1, padded labels], plus Q, logits and messages."""
+    lanes = -(-labels * itemsize // 64) * 64 // itemsize
+    buffers = sum((_crf.SPLAT_PARTS + 2) * (lat.num_vertices + 1) * lanes * itemsize for lat in lattices)
+    return buffers + 2 * n * lanes * itemsize + 8 * n * labels * itemsize
+
+
+def _refuse_if_too_big(need: int, unary: torch.Tensor) -> None:
+    available = _available_memory()
+    if need > available:
+        raise MemoryError(f"unary of size {list(unary.shape)}: the CRF of one image may need up to "
+                          f"{need / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB available")
 
 
 def _available_memory() -> int:
@@ -237,10 +251,7 @@ def dense_crf(
         if not isinstance(compat, torch.Tensor) or tuple(compat.shape) != (L, L):
             raise ValueError(f"compat must be None (Potts) or an [L, L] = [{L}, {L}] tensor, got "
                              f"{list(compat.shape) if isinstance(compat, torch.Tensor) else type(compat).__name__}")
-    need = _crf_memory_estimate(H * W, L, unary.element_size())
-    if need > _available_memory():
-        raise MemoryError(f"unary of size {list(unary.shape)}: the CRF of one image may need up to "
-                          f"{need / 2**30:.1f} GiB, more than the {_available_memory() / 2**30:.1f} GiB available")
+    _refuse_if_too_big(_lattice_memory(H * W), unary)
 
     if B == 0:
         return torch.softmax(unary, 1)
@@ -255,6 +266,7 @@ def dense_crf(
         rgb = image[b].reshape(3, -1).to(torch.float32)
         bilateral = _crf.Lattice(torch.cat([torch.stack([xs / sb, ys / sb]), rgb / sc]))
         lattices = (gaussian, bilateral)
+        _refuse_if_too_big(_mean_field_memory(lattices, H * W, L, unary.element_size()), unary)
         norms = (g_norm, _crf_norm(bilateral, H * W, normalization, dtype))
         if needs_grad or dtype != torch.float32:
             logits = unary[b].reshape(L, -1).t()  # [N, L]: the filter op's point-major layout

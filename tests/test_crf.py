@@ -228,6 +228,10 @@ def test_too_large_is_refused_before_allocating(monkeypatch):
     monkeypatch.setattr(F, "_available_memory", lambda: 1 << 20)
     with pytest.raises(MemoryError, match="unary of size"):
         F.dense_crf(torch.zeros(1, 21, 64, 64), torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+    # Enough for the lattices but not for the mean-field buffers, sized once the vertices are known.
+    monkeypatch.setattr(F, "_available_memory", lambda: F._lattice_memory(64 * 64))
+    with pytest.raises(MemoryError, match="unary of size"):
+        F.dense_crf(torch.zeros(1, 200, 64, 64), torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
 
 
 def test_lattice_bad_input():

@@ -15,6 +15,7 @@ import torch
 _ops = torch.ops.deconvseg
 
 MAX_DIM = 32  # csrc/include/permutohedral.h kMaxDim
+SPLAT_PARTS = 8  # csrc/cpu/crf.cpp kSplatParts: per-part splat buffers of each lattice
 
 
 @torch.library.register_fake("deconvseg::permutohedral_lattice")
