@@ -37,6 +37,12 @@ TORCH_LIBRARY(deconvseg, m) {
   m.def(
       "permutohedral_filter(Tensor values, Tensor offsets, Tensor weights, Tensor neighbors, bool reverse) "
       "-> Tensor");
+  // The first two stages of the filter, for GPU mean field (whose update slices them itself):
+  // values [N, C] float32/float64, times scale [N] if given -> blurred [M+1, C], row 0 zero and row
+  // v+1 vertex v. No slice and no normalising constant.
+  m.def(
+      "permutohedral_splat_blur(Tensor values, Tensor? scale, Tensor offsets, Tensor weights, Tensor neighbors, "
+      "bool reverse) -> Tensor");
   // Mean-field inference (no autograd) with K kernels: logits [N, L] float32, 3 lattice tensors per
   // kernel, pre/post [K, N] normalisation, compat [K, L, L] subtracted from the logits -> Q [N, L].
   m.def(

@@ -453,6 +453,45 @@ Tensor permutohedral_filter_cpu(const Tensor& values, const Tensor& offsets, con
   return filter_impl<float>(values, L, reverse);
 }
 
+template <typename T>
+Tensor splat_blur_impl(const Tensor& values_in, const T* scale, const LatticeView& L, bool reverse) {
+  const int64_t N = values_in.size(0), C = values_in.size(1), Cp = padded<T>(C);
+  const auto dtype = values_in.scalar_type();
+  const Tensor values = values_in.contiguous();
+  Tensor in = values;
+  if (Cp != C) {
+    in = empty_output({N, Cp}, dtype, at::MemoryFormat::Contiguous);
+    copy_rows<T>(values.const_data_ptr<T>(), C, in.mutable_data_ptr<T>(), Cp, N);
+  }
+  VertexBuffers<T> bufs(L, Cp, dtype);
+  splat_parts<T>(L, in.const_data_ptr<T>(), scale, bufs);
+  const T* blurred = reduce_blur<T>(L, reverse, bufs);
+  Tensor out = at::empty({L.M + 1, C}, values.options());
+  copy_rows<T>(blurred, Cp, out.mutable_data_ptr<T>(), C, L.M + 1);
+  return out;
+}
+
+Tensor permutohedral_splat_blur_cpu(const Tensor& values, const std::optional<Tensor>& scale_in,
+                                    const Tensor& offsets, const Tensor& weights, const Tensor& neighbors,
+                                    bool reverse) {
+  const LatticeView L = view_lattice(offsets, weights, neighbors);
+  TORCH_CHECK_VALUE(values.dim() == 2 && values.size(0) == L.N, "values must be a [N, C] tensor with N = ", L.N,
+                    " points, got ", values.sizes());
+  TORCH_CHECK_VALUE(values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble,
+                    "values must be float32 or float64, got ", values.scalar_type());
+  Tensor scale;
+  if (scale_in.has_value()) {
+    TORCH_CHECK_VALUE(scale_in->dim() == 1 && scale_in->size(0) == L.N && scale_in->scalar_type() == values.scalar_type(),
+                      "scale must be a [", L.N, "] tensor of the values' dtype, got ", scale_in->sizes(), " ",
+                      scale_in->scalar_type());
+    scale = scale_in->contiguous();
+  }
+  if (values.size(1) == 0) return at::zeros({L.M + 1, 0}, values.options());
+  if (values.scalar_type() == at::kDouble)
+    return splat_blur_impl<double>(values, scale.defined() ? scale.const_data_ptr<double>() : nullptr, L, reverse);
+  return splat_blur_impl<float>(values, scale.defined() ? scale.const_data_ptr<float>() : nullptr, L, reverse);
+}
+
 // exp for the softmax, vectorisable: 2^(x log2 e) split into 2^n * 2^f, f in [-0.5, 0.5], with a
 // degree-6 polynomial for 2^f (relative error < 2e-7, about the rounding of float32 itself).
 inline float exp_approx(float x) {
@@ -633,5 +672,6 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
 TORCH_LIBRARY_IMPL(deconvseg, CPU, m) {
   m.impl("permutohedral_lattice", &deconvseg::permutohedral_lattice_cpu);
   m.impl("permutohedral_filter", &deconvseg::permutohedral_filter_cpu);
+  m.impl("permutohedral_splat_blur", &deconvseg::permutohedral_splat_blur_cpu);
   m.impl("dense_crf_mean_field", &deconvseg::dense_crf_mean_field_cpu);
 }

@@ -36,6 +36,13 @@ def _filter_fake(values, offsets, weights, neighbors, reverse):
     return values.new_empty(values.shape)
 
 
+@torch.library.register_fake("deconvseg::permutohedral_splat_blur")
+def _splat_blur_fake(values, scale, offsets, weights, neighbors, reverse):
+    if values.dim() != 2 or values.shape[0] != offsets.shape[0]:
+        raise ValueError(f"values must be a [N, C] tensor with N = {offsets.shape[0]} points")
+    return values.new_empty((neighbors.shape[1] + 1, values.shape[1]))
+
+
 @torch.library.register_fake("deconvseg::dense_crf_mean_field")
 def _mean_field_fake(logits, lattices, pre, post, compat, iterations):
     return logits.new_empty(logits.shape)
