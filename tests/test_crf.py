@@ -261,11 +261,14 @@ def test_lattice_bad_input():
 
 @pytest.mark.parametrize("normalization", ["symmetric", "before", "after", "none"])
 @pytest.mark.parametrize("use_compat", [False, True])
-def test_fused_inference_equals_the_differentiable_path(normalization, use_compat):
+@pytest.mark.parametrize("labels", [1, 5, 21, 40, 70])  # 16, 32 and 48 padded labels in registers; 80 not
+def test_fused_inference_equals_the_differentiable_path(normalization, use_compat, labels):
     # Without gradients dense_crf runs one fused C++ op; with them it composes the filter op.
     # They differ only in float rounding (the fused softmax uses its own exp, rel. error < 2e-7).
-    unary, img = scene(11, 13, labels=5, batch=2)
-    compat = torch.rand(5, 5, generator=torch.Generator().manual_seed(0)) if use_compat else None
+    unary, img = scene(11, 13, labels=labels, batch=2)
+    # Scaled so the messages keep the same size whatever the number of labels: unnormalised sums over
+    # 70 labels would otherwise reach logits of ~1e3, where float32 rounding alone moves Q by ~1e-4.
+    compat = torch.rand(labels, labels, generator=torch.Generator().manual_seed(0)) * (5 / labels) if use_compat else None
     kw = dict(iterations=5, normalization=normalization, compat=compat)
     fused = F.dense_crf(unary, img, **kw)
     composed = F.dense_crf(unary.clone().requires_grad_(), img, **kw)

@@ -72,18 +72,8 @@ class VertexTable {
   const int32_t* key(int64_t v) const { return &keys_[v * d_]; }
 
  private:
-  uint64_t hash(const int32_t* key) const {
-    // Coordinates are small integers that vary together; a full 64-bit finaliser (splitmix64's)
-    // spreads them over the table, which a plain multiplicative hash with a power-of-two mask does
-    // not (long linear-probing runs on megapixel images).
-    uint64_t h = 0;
-    for (int i = 0; i < d_; ++i) h = (h + static_cast<uint32_t>(key[i])) * 0x9E3779B97F4A7C15ULL;
-    h ^= h >> 30;
-    h *= 0xBF58476D1CE4E5B9ULL;
-    h ^= h >> 27;
-    h *= 0x94D049BB133111EBULL;
-    return h ^ (h >> 31);
-  }
+  // Shared with the CUDA lattice builder (csrc/cuda/crf.cu).
+  uint64_t hash(const int32_t* key) const { return lattice::hash_key(key, d_); }
 
   int d_;
   int64_t mask_;
@@ -174,14 +164,7 @@ std::tuple<Tensor, Tensor, Tensor> permutohedral_lattice_cpu(const Tensor& featu
     for (int64_t v = begin; v < end; ++v) {
       const int32_t* key = table.key(v);
       for (int j = 0; j <= d; ++j) {
-        for (int k = 0; k < d; ++k) {
-          n1[k] = key[k] - 1;
-          n2[k] = key[k] + 1;
-        }
-        if (j < d) {
-          n1[j] = key[j] + d;
-          n2[j] = key[j] - d;
-        }
+        lattice::blur_neighbor_keys(key, d, j, n1, n2);
         nb[(j * M + v) * 2] = table.find(n1) + 1;
         nb[(j * M + v) * 2 + 1] = table.find(n2) + 1;
       }
@@ -576,6 +559,128 @@ DSF_MULTIVERSION void mean_field_update(const std::vector<LatticeView>& lats, co
   }
 }
 
+#ifdef DSF_HAVE_AVX512_KERNELS
+namespace avx512 {
+
+// exp_approx on sixteen lanes (same range reduction and polynomial).
+DSF_AVX512 inline __m512 exp_ps(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+  const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(y, n);
+  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  const __m512i bits = _mm512_add_epi32(_mm512_castps_si512(p), _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23));
+  return _mm512_castsi512_ps(bits);
+}
+
+// One kernel's share of a block of the mean-field iteration.
+struct MeanFieldKernel {
+  const int32_t* off = nullptr;     // [N, D1] simplex corners
+  const float* w = nullptr;         // [N, D1] barycentric weights
+  int64_t D1 = 0;
+  const float* blurred = nullptr;   // [M+1, Lp] this iteration's blurred buffer
+  const float* post = nullptr;      // [N] normalisation after slicing
+  const float* pre = nullptr;       // [N] normalisation before splatting
+  float alpha = 0.f;                // the lattice's slice constant
+  const float* diag = nullptr;      // [Lp] the compat's diagonal, or null if it is not diagonal
+  const float* compat_t = nullptr;  // [Lp, Lp] the compat transposed: row m is its column m
+  float* parts = nullptr;           // [M+1, Lp] this part's splat buffer, or null for no splat
+};
+
+// The fused update of mean_field_update with the label axis held in NV registers (Lp = 16 NV) from
+// the slice to the softmax, and the next iteration's splat done from those registers too.
+//   logits [N, Lp] (padding -1e30); q [N, Lp] written.
+template <int NV>
+DSF_AVX512 void mean_field_block(const MeanFieldKernel* ks, int64_t K, const float* __restrict logits, int64_t L,
+                                 int64_t begin, int64_t end, float* __restrict q) {
+  constexpr int64_t Lp = 16 * NV;
+  __mmask16 live[NV];
+  for (int v = 0; v < NV; ++v) {
+    const int64_t rem = L - 16 * v;
+    live[v] = rem >= 16 ? __mmask16(0xFFFF) : rem <= 0 ? __mmask16(0) : static_cast<__mmask16>((1u << rem) - 1u);
+  }
+  alignas(64) float f[Lp];
+  for (int64_t i = begin; i < end; ++i) {
+    __m512 t[NV];
+    for (int v = 0; v < NV; ++v) t[v] = _mm512_loadu_ps(logits + i * Lp + 16 * v);
+    for (int64_t k = 0; k < K; ++k) {
+      const MeanFieldKernel& kk = ks[k];
+      const int32_t* o = kk.off + i * kk.D1;
+      const float* wt = kk.w + i * kk.D1;
+      __m512 acc[NV];
+      for (int v = 0; v < NV; ++v) acc[v] = _mm512_setzero_ps();
+      for (int64_t r = 0; r < kk.D1; ++r) {
+        const float* row = kk.blurred + (static_cast<int64_t>(o[r]) + 1) * Lp;
+        const __m512 wr = _mm512_set1_ps(wt[r]);
+        for (int v = 0; v < NV; ++v) acc[v] = _mm512_fmadd_ps(wr, _mm512_loadu_ps(row + 16 * v), acc[v]);
+      }
+      const __m512 s = _mm512_set1_ps(kk.alpha * kk.post[i]);
+      if (kk.diag) {
+        for (int v = 0; v < NV; ++v)
+          t[v] = _mm512_fnmadd_ps(_mm512_loadu_ps(kk.diag + 16 * v), _mm512_mul_ps(acc[v], s), t[v]);
+      } else {
+        for (int v = 0; v < NV; ++v) _mm512_store_ps(f + 16 * v, _mm512_mul_ps(acc[v], s));
+        for (int64_t m = 0; m < L; ++m) {
+          const __m512 fm = _mm512_set1_ps(f[m]);
+          for (int v = 0; v < NV; ++v)
+            t[v] = _mm512_fnmadd_ps(fm, _mm512_loadu_ps(kk.compat_t + m * Lp + 16 * v), t[v]);
+        }
+      }
+    }
+    __m512 mx = t[0];
+    for (int v = 1; v < NV; ++v) mx = _mm512_max_ps(mx, t[v]);
+    const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 e[NV], sum = _mm512_setzero_ps();
+    for (int v = 0; v < NV; ++v) {
+      e[v] = _mm512_maskz_mov_ps(live[v], exp_ps(_mm512_sub_ps(t[v], top)));
+      sum = _mm512_add_ps(sum, e[v]);
+    }
+    const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
+    for (int v = 0; v < NV; ++v) {
+      e[v] = _mm512_mul_ps(e[v], inv);
+      _mm512_storeu_ps(q + i * Lp + 16 * v, e[v]);
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      const MeanFieldKernel& kk = ks[k];
+      if (!kk.parts) continue;
+      const int32_t* o = kk.off + i * kk.D1;
+      const float* wt = kk.w + i * kk.D1;
+      const __m512 s = _mm512_set1_ps(kk.pre[i]);
+      __m512 sv[NV];
+      for (int v = 0; v < NV; ++v) sv[v] = _mm512_mul_ps(s, e[v]);
+      for (int64_t r = 0; r < kk.D1; ++r) {
+        float* row = kk.parts + (static_cast<int64_t>(o[r]) + 1) * Lp;
+        const __m512 wr = _mm512_set1_ps(wt[r]);
+        for (int v = 0; v < NV; ++v)
+          _mm512_storeu_ps(row + 16 * v, _mm512_fmadd_ps(wr, sv[v], _mm512_loadu_ps(row + 16 * v)));
+      }
+    }
+  }
+}
+
+using MeanFieldBlockFn = void (*)(const MeanFieldKernel*, int64_t, const float*, int64_t, int64_t, int64_t, float*);
+
+// The register-resident update for Lp = 16, 32, 48 or 64 labels, or null.
+inline MeanFieldBlockFn mean_field_block_for(int64_t Lp) {
+  if (!cpu_has_avx512()) return nullptr;
+  switch (Lp) {
+    case 16: return &mean_field_block<1>;
+    case 32: return &mean_field_block<2>;
+    case 48: return &mean_field_block<3>;
+    case 64: return &mean_field_block<4>;
+    default: return nullptr;
+  }
+}
+
+}  // namespace avx512
+#endif
+
 // Mean-field inference with K Gaussian kernels, one pass over the pixels per iteration on top of
 // each kernel's splat and blur. logits [L, N] float32 (the unary's own layout); lattices: 3 tensors
 // per kernel; pre/post [K, N] per-pixel normalisation before splatting / after slicing; compat
@@ -636,6 +741,25 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
   std::vector<const float*> blurred(K);
   const float* pre_p = pre.const_data_ptr<float>();
   for (int64_t k = 0; k < K && iterations > 0; ++k) splat_parts<float>(lats[k], qp, pre_p + k * N, vbufs[k]);
+#ifdef DSF_HAVE_AVX512_KERNELS
+  // Labels held in registers through the whole update when they fit in up to four vectors.
+  const avx512::MeanFieldBlockFn fast_block = avx512::mean_field_block_for(Lp);
+  std::vector<float> ctrans(K * Lp * Lp, 0.f);  // [K, Lp, Lp] each compat transposed
+  std::vector<avx512::MeanFieldKernel> fast_kernels(K);
+  for (int64_t k = 0; k < K; ++k) {
+    for (int64_t l = 0; l < L; ++l)
+      for (int64_t m = 0; m < L; ++m) ctrans[(k * Lp + m) * Lp + l] = cpad[(k * Lp + l) * Lp + m];
+    avx512::MeanFieldKernel& kk = fast_kernels[k];
+    kk.off = lats[k].off;
+    kk.w = lats[k].w;
+    kk.D1 = lats[k].D1;
+    kk.post = post.const_data_ptr<float>() + k * N;
+    kk.pre = pre_p + k * N;
+    kk.alpha = lattice::slice_alpha(static_cast<int>(lats[k].D1 - 1));
+    kk.diag = diag[k] ? cdiag.data() + k * Lp : nullptr;
+    kk.compat_t = ctrans.data() + k * Lp * Lp;
+  }
+#endif
   for (int64_t it = 0; it < iterations; ++it) {
     for (int64_t k = 0; k < K; ++k) blurred[k] = reduce_blur<float>(lats[k], false, vbufs[k]);
     // One task per splat part: update a block of pixels, then splat the new Q rows (still in
@@ -645,6 +769,18 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
     const bool splat_next = it + 1 < iterations;
     at::parallel_for(0, kSplatParts, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
+#ifdef DSF_HAVE_AVX512_KERNELS
+        if (fast_block) {
+          std::vector<avx512::MeanFieldKernel> ks(K);
+          for (int64_t k = 0; k < K; ++k) {
+            ks[k] = fast_kernels[k];
+            ks[k].blurred = blurred[k];
+            ks[k].parts = splat_next ? vbufs[k].parts.mutable_data_ptr<float>() + p * vbufs[k].rows * Lp : nullptr;
+          }
+          fast_block(ks.data(), K, lpp, L, part_begin(p, N), part_begin(p + 1, N), qp);
+          continue;
+        }
+#endif
         const int64_t hi = part_begin(p + 1, N);
         for (int64_t lo = part_begin(p, N); lo < hi; lo += 256) {
           const int64_t end = std::min(hi, lo + 256);

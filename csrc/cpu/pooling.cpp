@@ -117,17 +117,7 @@ struct TapTable {
 // the four taps with permutes. Picked at run time, so the library still runs on CPUs without
 // AVX-512 (the portable loops above take over).
 // ---------------------------------------------------------------------------------------------
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define DSF_HAVE_AVX512_KERNELS 1
-#define DSF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
-
-bool cpu_has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return ok;
-}
-
+#ifdef DSF_HAVE_AVX512_KERNELS
 namespace avx512 {
 
 DSF_AVX512 inline __mmask16 lanes(int64_t rem) {
@@ -274,8 +264,6 @@ DSF_AVX512 bool gather_row(const float* g0, const float* g1, SwitchFormat fmt, c
 }
 
 }  // namespace avx512
-#else
-bool cpu_has_avx512() { return false; }
 #endif
 
 // ---------------------------------------------------------------------------------------------

@@ -8,3 +8,19 @@
 #else
 #define DSF_MULTIVERSION
 #endif
+
+// Hand-written AVX-512 kernels (intrinsics) are compiled with DSF_AVX512 and called only when
+// cpu_has_avx512() says the machine runs them; portable loops take over elsewhere.
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define DSF_HAVE_AVX512_KERNELS 1
+#define DSF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+
+inline bool cpu_has_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return ok;
+}
+#else
+inline bool cpu_has_avx512() { return false; }
+#endif

@@ -23,6 +23,17 @@ DSF_HD float axis_scale(int i, int d) {
   return static_cast<float>(1.0 / sqrt(static_cast<double>((i + 2) * (i + 1))) * inv_std);
 }
 
+// a * b, never fused with a following add into an FMA. nvcc contracts a * b + c into one FMA by
+// default (one rounding instead of two) and host compilers here do not, which would let the GPU pick
+// a different simplex than the CPU for points near a boundary; __fmul_rn is never contracted.
+DSF_HD float mul_no_fma(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 // The simplex enclosing feature f[0..d): for each of its d+1 vertices (remainder r = 0..d), the
 // first d lattice coordinates key[r*d .. r*d+d) and the barycentric weight bary[r].
 DSF_HD void enclosing_simplex(const float* f, int d, const float* scale, int32_t* key, float* bary) {
@@ -33,8 +44,8 @@ DSF_HD void enclosing_simplex(const float* f, int d, const float* scale, int32_t
   // Elevate: y = E f, with the coordinates summing to zero.
   float sm = 0.f;
   for (int j = d; j > 0; --j) {
-    const float cf = f[j - 1] * scale[j - 1];
-    elevated[j] = sm - static_cast<float>(j) * cf;
+    const float cf = mul_no_fma(f[j - 1], scale[j - 1]);
+    elevated[j] = sm - mul_no_fma(static_cast<float>(j), cf);
     sm += cf;
   }
   elevated[0] = sm;
@@ -69,7 +80,7 @@ DSF_HD void enclosing_simplex(const float* f, int d, const float* scale, int32_t
   }
   for (int i = 0; i <= d + 1; ++i) b[i] = 0.f;
   for (int i = 0; i <= d; ++i) {
-    const float v = (elevated[i] - rem0[i]) * down;
+    const float v = mul_no_fma(elevated[i] - rem0[i], down);
     b[d - rank[i]] += v;
     b[d - rank[i] + 1] -= v;
   }
@@ -78,6 +89,34 @@ DSF_HD void enclosing_simplex(const float* f, int d, const float* scale, int32_t
   for (int r = 0; r <= d; ++r) {
     for (int i = 0; i < d; ++i) key[r * d + i] = rem0[i] + (rank[i] <= d - r ? r : r - (d + 1));
     bary[r] = b[r];
+  }
+}
+
+// Hash of a vertex's d lattice coordinates, for open-addressing tables indexed by `hash & mask`.
+// Coordinates are small integers that vary together; a full 64-bit finaliser (splitmix64's)
+// spreads them over the table, which a plain multiplicative hash with a power-of-two mask does not
+// (long linear-probing runs on megapixel images).
+DSF_HD uint64_t hash_key(const int32_t* key, int d) {
+  uint64_t h = 0;
+  for (int i = 0; i < d; ++i) h = (h + static_cast<uint32_t>(key[i])) * 0x9E3779B97F4A7C15ULL;
+  h ^= h >> 30;
+  h *= 0xBF58476D1CE4E5B9ULL;
+  h ^= h >> 27;
+  h *= 0x94D049BB133111EBULL;
+  return h ^ (h >> 31);
+}
+
+// The two blur neighbours of the vertex `key` (d coordinates) along lattice axis j (0..d), written
+// to n1[0..d) and n2[0..d): all coordinates -1 (resp. +1) except axis j, which moves by +d (resp.
+// -d); the implicit last coordinate makes axis d "all coordinates -1 / +1".
+DSF_HD void blur_neighbor_keys(const int32_t* key, int d, int j, int32_t* n1, int32_t* n2) {
+  for (int k = 0; k < d; ++k) {
+    n1[k] = key[k] - 1;
+    n2[k] = key[k] + 1;
+  }
+  if (j < d) {
+    n1[j] = key[j] + d;
+    n2[j] = key[j] - d;
   }
 }
 
