@@ -178,13 +178,15 @@ def _mean_field_memory(lattices, n: int, labels: int, itemsize: int) -> int:
 
 
 def _refuse_if_too_big(need: int, unary: torch.Tensor) -> None:
-    available = _available_memory()
+    available = _available_memory(unary.device)
     if need > available:
         raise MemoryError(f"unary of size {list(unary.shape)}: the CRF of one image may need up to "
                           f"{need / 2**30:.1f} GiB, more than the {available / 2**30:.1f} GiB available")
 
 
-def _available_memory() -> int:
+def _available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
@@ -256,7 +258,7 @@ def dense_crf(
     if B == 0:
         return torch.softmax(unary, 1)
     dtype = unary.dtype
-    gaussian, xs, ys = _xy_lattice(H, W, sg)
+    gaussian, xs, ys = _xy_lattice(H, W, sg, unary.device)
     g_norm = _xy_norm(gaussian, H, W, sg, normalization, dtype)
     weights = (gaussian_weight, bilateral_weight)
     tensors = [unary, gaussian_weight, bilateral_weight, compat]
@@ -280,12 +282,12 @@ def dense_crf(
 _XY_LATTICES: dict = {}
 
 
-def _xy_lattice(h: int, w: int, sxy: float):
+def _xy_lattice(h: int, w: int, sxy: float, device: torch.device):
     """The appearance-free (x, y) / sxy lattice depends only on the image size: keep the last two."""
-    key = (h, w, sxy)
+    key = (h, w, sxy, device)
     if key not in _XY_LATTICES:
-        ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
-                                indexing="ij")
+        f32 = dict(dtype=torch.float32, device=device)
+        ys, xs = torch.meshgrid(torch.arange(h, **f32), torch.arange(w, **f32), indexing="ij")
         xs, ys = xs.reshape(-1), ys.reshape(-1)
         _XY_LATTICES[key] = (_crf.Lattice(torch.stack([xs / sxy, ys / sxy])), xs, ys)
         while len(_XY_LATTICES) > 2:
@@ -294,7 +296,7 @@ def _xy_lattice(h: int, w: int, sxy: float):
 
 
 def _xy_norm(lattice, h: int, w: int, sxy: float, normalization: str, dtype):
-    key = (h, w, sxy, normalization, dtype)
+    key = (h, w, sxy, normalization, dtype, lattice.tensors[0].device)
     cache = _XY_NORMS
     if key not in cache:
         cache[key] = _crf_norm(lattice, h * w, normalization, dtype)
@@ -319,10 +321,10 @@ def _mean_field_fused(logits, lattices, norms, weights, compat, normalization, i
     # Inference only: one C++ call runs every iteration (slice, compatibility, softmax fused).
     # logits [L, N] -> Q [L, N].
     labels, n = logits.shape
-    ones = torch.ones(n)
+    ones = torch.ones(n, device=logits.device)
     pre = torch.stack([norm.view(-1) if normalization in ("symmetric", "before") else ones for norm in norms])
     post = torch.stack([norm.view(-1) if normalization in ("symmetric", "after") else ones for norm in norms])
-    eye = torch.eye(labels)
+    eye = torch.eye(labels, device=logits.device)
     mats = [float(w) * (compat.detach().float() if compat is not None else -eye) for w in weights]
     return _crf.mean_field(logits, lattices, pre, post, torch.stack(mats), iterations)
 
@@ -331,7 +333,7 @@ def _crf_norm(lattice, n: int, normalization: str, dtype) -> torch.Tensor | None
     # densecrf's DenseKernel normalisation, from the filter response to a constant image.
     if normalization == "none":
         return None
-    ones = torch.ones(n, 1, dtype=dtype)
+    ones = torch.ones(n, 1, dtype=dtype, device=lattice.tensors[0].device)
     response = lattice.filter_points(ones)
     return (response + 1e-20).rsqrt() if normalization == "symmetric" else 1.0 / (response + 1e-20)
 

@@ -225,11 +225,11 @@ def test_dense_crf_bad_input(kwargs, exc, match):
 
 
 def test_too_large_is_refused_before_allocating(monkeypatch):
-    monkeypatch.setattr(F, "_available_memory", lambda: 1 << 20)
+    monkeypatch.setattr(F, "_available_memory", lambda device: 1 << 20)
     with pytest.raises(MemoryError, match="unary of size"):
         F.dense_crf(torch.zeros(1, 21, 64, 64), torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
     # Enough for the lattices but not for the mean-field buffers, sized once the vertices are known.
-    monkeypatch.setattr(F, "_available_memory", lambda: F._lattice_memory(64 * 64))
+    monkeypatch.setattr(F, "_available_memory", lambda device: F._lattice_memory(64 * 64))
     with pytest.raises(MemoryError, match="unary of size"):
         F.dense_crf(torch.zeros(1, 200, 64, 64), torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
 

@@ -34,6 +34,14 @@ DSF_HD float mul_no_fma(float a, float b) {
 #endif
 }
 
+// roundf (halves away from zero) for |x| < 2^31, inline: on the CPU roundf is a libm call.
+// x - trunc(x) is exact in float, so the halfway test is exact too.
+DSF_HD int32_t round_half_away(float x) {
+  const int32_t t = static_cast<int32_t>(x);
+  const float r = x - static_cast<float>(t);
+  return r >= 0.5f ? t + 1 : (r <= -0.5f ? t - 1 : t);
+}
+
 // The simplex enclosing feature f[0..d): for each of its d+1 vertices (remainder r = 0..d), the
 // first d lattice coordinates key[r*d .. r*d+d) and the barycentric weight bary[r].
 DSF_HD void enclosing_simplex(const float* f, int d, const float* scale, int32_t* key, float* bary) {
@@ -54,17 +62,20 @@ DSF_HD void enclosing_simplex(const float* f, int d, const float* scale, int32_t
   const float up = static_cast<float>(d + 1);
   int32_t sum = 0;
   for (int i = 0; i <= d; ++i) {
-    const int32_t rd = static_cast<int32_t>(roundf(down * elevated[i]));
+    const int32_t rd = round_half_away(down * elevated[i]);
     rem0[i] = static_cast<int32_t>(static_cast<float>(rd) * up);
     sum += rd;
     rank[i] = 0;
   }
   // Rank of each coordinate's residual: which simplex of the cell the point lies in.
+  // Branch-free: the comparisons are data-dependent coin flips a branch predictor would miss.
+  float residual[kMaxDim + 1];
+  for (int i = 0; i <= d; ++i) residual[i] = elevated[i] - static_cast<float>(rem0[i]);
   for (int i = 0; i < d; ++i) {
-    const double di = elevated[i] - rem0[i];
     for (int j = i + 1; j <= d; ++j) {
-      if (di < elevated[j] - rem0[j]) ++rank[i];
-      else ++rank[j];
+      const int32_t lt = residual[i] < residual[j];
+      rank[i] += lt;
+      rank[j] += 1 - lt;
     }
   }
   // The rounded point may be off the hyperplane (coordinates not summing to 0): walk it back.
