@@ -52,7 +52,7 @@ class VertexTable {
         keys_.insert(keys_.end(), key, key + d_);
         return slot;
       }
-      if (std::memcmp(&keys_[static_cast<int64_t>(slot) * d_], key, d_ * sizeof(int32_t)) == 0) return slot;
+      if (same(&keys_[static_cast<int64_t>(slot) * d_], key)) return slot;
       ++h;
     }
   }
@@ -62,7 +62,7 @@ class VertexTable {
     while (true) {
       const int32_t slot = slots_[h & mask_];
       if (slot < 0) return -1;
-      if (std::memcmp(&keys_[static_cast<int64_t>(slot) * d_], key, d_ * sizeof(int32_t)) == 0) return slot;
+      if (same(&keys_[static_cast<int64_t>(slot) * d_], key)) return slot;
       ++h;
     }
   }
@@ -73,6 +73,13 @@ class VertexTable {
 
  private:
   // Shared with the CUDA lattice builder (csrc/cuda/crf.cu).
+  // Keys are a few ints: an inline loop, not a call to memcmp.
+  bool same(const int32_t* a, const int32_t* b) const {
+    for (int i = 0; i < d_; ++i)
+      if (a[i] != b[i]) return false;
+    return true;
+  }
+
   uint64_t hash(const int32_t* key) const { return lattice::hash_key(key, d_); }
 
   int d_;
@@ -726,9 +733,14 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
   float* lpp = lp.mutable_data_ptr<float>();
   float* qp = q.mutable_data_ptr<float>();
   const float* lg = logits.const_data_ptr<float>();
-  at::parallel_for(0, N, 2048, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      for (int64_t c = 0; c < Lp; ++c) lpp[i * Lp + c] = c < L ? lg[c * N + i] : -1e30f;
+  // Transposed in blocks of 64 points, so each label's read is a contiguous run and the written rows
+  // stay in L1.
+  at::parallel_for(0, (N + 63) / 64, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i0 = b * 64, i1 = std::min(N, i0 + 64);
+      for (int64_t c = 0; c < Lp; ++c)
+        for (int64_t i = i0; i < i1; ++i) lpp[i * Lp + c] = c < L ? lg[c * N + i] : -1e30f;
+    }
   });
   // Q0 = softmax(logits): the update with no kernels.
   const std::vector<LatticeView> no_lats;
@@ -795,9 +807,12 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
   }
   Tensor out = empty_output({L, N}, at::kFloat, at::MemoryFormat::Contiguous);
   float* o = out.mutable_data_ptr<float>();
-  at::parallel_for(0, L, 1, [&](int64_t l0, int64_t l1) {
-    for (int64_t l = l0; l < l1; ++l)
-      for (int64_t i = 0; i < N; ++i) o[l * N + i] = qp[i * Lp + l];
+  at::parallel_for(0, (N + 63) / 64, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t i0 = b * 64, i1 = std::min(N, i0 + 64);
+      for (int64_t l = 0; l < L; ++l)
+        for (int64_t i = i0; i < i1; ++i) o[l * N + i] = qp[i * Lp + l];
+    }
   });
   return out;
 }
