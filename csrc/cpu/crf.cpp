@@ -19,6 +19,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <vector>
 
 #include "huge_pages.h"
@@ -181,11 +182,22 @@ std::tuple<Tensor, Tensor, Tensor> permutohedral_lattice_cpu(const Tensor& featu
   return {offsets, weights, neighbors};
 }
 
+// Splats cut the pixels into this many contiguous parts, each with its own vertex buffer. Fixed, so
+// that the order of every sum is the same whatever the number of threads.
+constexpr int64_t kSplatParts = 8;
+
+// Pixels [p*N/P, (p+1)*N/P) of part p: the fixed partition every splat uses.
+inline int64_t part_begin(int64_t p, int64_t N) { return p * N / kSplatParts; }
+
 // A lattice's tensors, validated and made contiguous, as raw pointers.
 struct LatticeView {
   int64_t N = 0, M = 0, D1 = 0;
   const int32_t *off = nullptr, *nb = nullptr;
   const float* w = nullptr;
+  // Buffer rows [part_lo[p], part_hi[p]) hold every vertex part p's pixels touch. Vertices are
+  // numbered in pixel order, so a part's vertices are mostly a narrow band; adding the parts reads
+  // (and re-zeroes) only each part's band.
+  int64_t part_lo[kSplatParts] = {}, part_hi[kSplatParts] = {};
   std::vector<Tensor> keep;  // owns the contiguous copies
 };
 
@@ -220,6 +232,17 @@ LatticeView view_lattice(const Tensor& offsets, const Tensor& weights, const Ten
   };
   TORCH_CHECK_VALUE(all_in(L.off, L.N * D1, 0, M - 1), "offsets hold out-of-range vertices (expected 0..", M - 1, ")");
   TORCH_CHECK_VALUE(all_in(L.nb, D1 * M * 2, 0, M), "neighbors hold out-of-range vertices (expected 0..", M, ")");
+  at::parallel_for(0, kSplatParts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p) {
+      int32_t lo = std::numeric_limits<int32_t>::max(), hi = -1;
+      for (int64_t e = part_begin(p, L.N) * D1; e < part_begin(p + 1, L.N) * D1; ++e) {
+        lo = std::min(lo, L.off[e]);
+        hi = std::max(hi, L.off[e]);
+      }
+      L.part_lo[p] = hi < 0 ? 0 : static_cast<int64_t>(lo) + 1;
+      L.part_hi[p] = static_cast<int64_t>(hi) + 2;
+    }
+  });
   return L;
 }
 
@@ -234,8 +257,6 @@ constexpr int64_t kLanes = 64 / sizeof(T);
 template <typename T>
 int64_t padded(int64_t c) { return c <= 2 ? c : (c + kLanes<T> - 1) / kLanes<T> * kLanes<T>; }
 
-// Fixed, so that the order of every sum is the same whatever the number of threads.
-constexpr int64_t kSplatParts = 8;
 
 // acc[0:Cp] += we * src[0:Cp], Cp a multiple of kLanes<T>.
 template <typename T>
@@ -268,20 +289,26 @@ DSF_MULTIVERSION void splat_pixels(const T* __restrict in, const T* __restrict s
   }
 }
 
-// out[v] = sum of parts[p][v] for p = 0..P-1, in that order, for rows [begin, end); the parts are
-// zeroed as they are read, ready for the next splat (no separate clearing pass).
+// out[v] = sum of parts[p][v] for p = 0..P-1, in that order, for rows [begin, end); a part is read
+// only within its band [lo[p], hi[p]) (outside it the part is zero, and adding zeros changes no
+// bits). The parts are zeroed as they are read, ready for the next splat (no separate clearing pass).
 template <typename T>
-DSF_MULTIVERSION void add_parts(T* __restrict parts, int64_t part_stride, int64_t P, int64_t Cp, int64_t begin,
-                                int64_t end, T* __restrict out) {
+DSF_MULTIVERSION void add_parts(T* __restrict parts, int64_t part_stride, const int64_t* lo, const int64_t* hi,
+                                int64_t Cp, int64_t begin, int64_t end, T* __restrict out) {
   for (int64_t v = begin; v < end; ++v) {
     T* dst = out + v * Cp;
-    T* src = parts + v * Cp;
-    for (int64_t c = 0; c < Cp; ++c) {
-      dst[c] = src[c];
-      src[c] = T(0);
-    }
-    for (int64_t p = 1; p < P; ++p) {
-      T* part = src + p * part_stride;
+    bool first = true;
+    for (int64_t p = 0; p < kSplatParts; ++p) {
+      if (v < lo[p] || v >= hi[p]) continue;
+      T* part = parts + p * part_stride + v * Cp;
+      if (first) {
+        for (int64_t c = 0; c < Cp; ++c) {
+          dst[c] = part[c];
+          part[c] = T(0);
+        }
+        first = false;
+        continue;
+      }
       if (Cp % kLanes<T> != 0) {
         for (int64_t c = 0; c < Cp; ++c) {
           dst[c] += part[c];
@@ -295,6 +322,8 @@ DSF_MULTIVERSION void add_parts(T* __restrict parts, int64_t part_stride, int64_
           part[c] = T(0);
         }
     }
+    if (first)
+      for (int64_t c = 0; c < Cp; ++c) dst[c] = T(0);
   }
 }
 
@@ -355,8 +384,6 @@ struct VertexBuffers {
   }
 };
 
-// Pixels [p*N/P, (p+1)*N/P) of part p: the fixed partition every splat uses.
-inline int64_t part_begin(int64_t p, int64_t N) { return p * N / kSplatParts; }
 
 // Splat `in` [N, Cp] (times scale[N], if given) into the per-part buffers, pixels in order.
 template <typename T>
@@ -379,7 +406,7 @@ const T* reduce_blur(const LatticeView& L, bool reverse, VertexBuffers<T>& bufs)
   T* a = bufs.a.template mutable_data_ptr<T>();
   T* b = bufs.b.template mutable_data_ptr<T>();
   at::parallel_for(0, rows, 512, [&](int64_t begin, int64_t end) {
-    add_parts<T>(parts, stride, kSplatParts, Cp, begin, end, a);
+    add_parts<T>(parts, stride, L.part_lo, L.part_hi, Cp, begin, end, a);
   });
   // Row 0 of both buffers is the zero "no neighbour" row (it only ever received no splats).
   std::memset(b, 0, Cp * sizeof(T));
