@@ -31,20 +31,20 @@ namespace {
 
 using at::Tensor;
 
-// Open-addressing table from a vertex's d coordinates to its index; indices follow first insertion.
-// `max_keys` bounds the number of distinct keys ever inserted (the table does not grow); the
-// capacity is at least twice that, so probes stay short and always end.
+// Open-addressing table from a vertex's d coordinates to its index; indices follow first insertion
+// (so they never depend on the capacity). The table doubles when it is half full, so probes stay
+// short and always end, and a table that sees few distinct keys stays small enough for the cache
+// (an image has far fewer vertices than simplex corners).
 class VertexTable {
  public:
-  VertexTable(int d, int64_t max_keys) : d_(d) {
-    int64_t cap = 64;
-    while (cap < 2 * max_keys) cap <<= 1;
-    slots_.assign(cap, -1);
-    mask_ = cap - 1;
-    keys_.reserve(std::min<int64_t>(max_keys, 1 << 20) * d);
+  explicit VertexTable(int d, int64_t expected_keys = 0) : d_(d) {
+    int64_t cap = 1024;
+    while (cap < 2 * expected_keys) cap <<= 1;
+    rehash(cap);
   }
 
   int32_t insert(const int32_t* key) {
+    if (2 * (size() + 1) > static_cast<int64_t>(slots_.size())) rehash(2 * static_cast<int64_t>(slots_.size()));
     uint64_t h = hash(key);
     while (true) {
       int32_t& slot = slots_[h & mask_];
@@ -73,7 +73,16 @@ class VertexTable {
   const int32_t* key(int64_t v) const { return &keys_[v * d_]; }
 
  private:
-  // Shared with the CUDA lattice builder (csrc/cuda/crf.cu).
+  void rehash(int64_t cap) {
+    slots_.assign(cap, -1);
+    mask_ = cap - 1;
+    for (int64_t v = 0; v < size(); ++v) {
+      uint64_t h = hash(key(v));
+      while (slots_[h & mask_] >= 0) ++h;
+      slots_[h & mask_] = static_cast<int32_t>(v);
+    }
+  }
+
   // Keys are a few ints: an inline loop, not a call to memcmp.
   bool same(const int32_t* a, const int32_t* b) const {
     for (int i = 0; i < d_; ++i)
@@ -81,6 +90,7 @@ class VertexTable {
     return true;
   }
 
+  // Shared with the CUDA lattice builder (csrc/cuda/crf.cu).
   uint64_t hash(const int32_t* key) const { return lattice::hash_key(key, d_); }
 
   int d_;
@@ -141,14 +151,14 @@ std::tuple<Tensor, Tensor, Tensor> permutohedral_lattice_cpu(const Tensor& featu
   at::parallel_for(0, kChunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t lo = c * E / kChunks, hi = (c + 1) * E / kChunks;
-      VertexTable local(d, hi - lo);
+      VertexTable local(d);
       for (int64_t e = lo; e < hi; ++e) off[e] = local.insert(keys.data() + e * d);
       chunk_keys[c] = local.take_keys();
     }
   });
-  int64_t distinct_bound = 0;
-  for (const auto& k : chunk_keys) distinct_bound += static_cast<int64_t>(k.size()) / d;
-  VertexTable table(d, distinct_bound);
+  int64_t at_least = 0;  // distinct keys in the busiest chunk: the whole image has at least as many
+  for (const auto& k : chunk_keys) at_least = std::max(at_least, static_cast<int64_t>(k.size()) / d);
+  VertexTable table(d, at_least);
   std::vector<std::vector<int32_t>> to_global(kChunks);
   for (int64_t c = 0; c < kChunks; ++c) {
     const int64_t n = static_cast<int64_t>(chunk_keys[c].size()) / d;
@@ -376,9 +386,14 @@ struct VertexBuffers {
   Tensor parts, a, b;
   int64_t rows, Cp;
   VertexBuffers(const LatticeView& L, int64_t Cp_, at::ScalarType dtype) : rows(L.M + 1), Cp(Cp_) {
-    // Zero once; add_parts leaves them zero after every use.
+    // Only each part's band is ever written or read: zero that once (add_parts leaves it zero after
+    // every use); pages outside the bands are never touched.
     parts = at::detail::empty_generic({kSplatParts, rows, Cp}, &HugePageAllocator::instance(),
-                                      c10::DispatchKeySet(c10::DispatchKey::CPU), dtype, std::nullopt).zero_();
+                                      c10::DispatchKeySet(c10::DispatchKey::CPU), dtype, std::nullopt);
+    at::parallel_for(0, kSplatParts, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p)
+        if (L.part_hi[p] > L.part_lo[p]) parts[p].narrow(0, L.part_lo[p], L.part_hi[p] - L.part_lo[p]).zero_();
+    });
     a = empty_output({rows, Cp}, dtype, at::MemoryFormat::Contiguous);
     b = empty_output({rows, Cp}, dtype, at::MemoryFormat::Contiguous);
   }
@@ -618,7 +633,7 @@ struct MeanFieldKernel {
   const int32_t* off = nullptr;     // [N, D1] simplex corners
   const float* w = nullptr;         // [N, D1] barycentric weights
   int64_t D1 = 0;
-  const float* blurred = nullptr;   // [M+1, Lp] this iteration's blurred buffer
+  const float* blurred = nullptr;   // [M+1, Lp] this iteration's blurred buffer, or null: no message
   const float* post = nullptr;      // [N] normalisation after slicing
   const float* pre = nullptr;       // [N] normalisation before splatting
   float alpha = 0.f;                // the lattice's slice constant
@@ -645,6 +660,7 @@ DSF_AVX512 void mean_field_block(const MeanFieldKernel* ks, int64_t K, const flo
     for (int v = 0; v < NV; ++v) t[v] = _mm512_loadu_ps(logits + i * Lp + 16 * v);
     for (int64_t k = 0; k < K; ++k) {
       const MeanFieldKernel& kk = ks[k];
+      if (!kk.blurred) continue;  // pass -1: Q0, no messages yet
       const int32_t* o = kk.off + i * kk.D1;
       const float* wt = kk.w + i * kk.D1;
       __m512 acc[NV];
@@ -769,17 +785,9 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
         for (int64_t i = i0; i < i1; ++i) lpp[i * Lp + c] = c < L ? lg[c * N + i] : -1e30f;
     }
   });
-  // Q0 = softmax(logits): the update with no kernels.
-  const std::vector<LatticeView> no_lats;
-  const std::vector<const float*> no_bufs;
-  at::parallel_for(0, N, 1024, [&](int64_t begin, int64_t end) {
-    mean_field_update(no_lats, no_bufs, nullptr, nullptr, nullptr, diag, lpp, N, L, Lp, begin, end, qp);
-  });
   std::vector<VertexBuffers<float>> vbufs;
   for (int64_t k = 0; k < K && iterations > 0; ++k) vbufs.emplace_back(lats[k], Lp, at::kFloat);
-  std::vector<const float*> blurred(K);
   const float* pre_p = pre.const_data_ptr<float>();
-  for (int64_t k = 0; k < K && iterations > 0; ++k) splat_parts<float>(lats[k], qp, pre_p + k * N, vbufs[k]);
 #ifdef DSF_HAVE_AVX512_KERNELS
   // Labels held in registers through the whole update when they fit in up to four vectors.
   const avx512::MeanFieldBlockFn fast_block = avx512::mean_field_block_for(Lp);
@@ -799,8 +807,13 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
     kk.compat_t = ctrans.data() + k * Lp * Lp;
   }
 #endif
-  for (int64_t it = 0; it < iterations; ++it) {
-    for (int64_t k = 0; k < K; ++k) blurred[k] = reduce_blur<float>(lats[k], false, vbufs[k]);
+  // Pass -1 computes Q0 = softmax(logits) (the update with no messages); pass it >= 0 is iteration
+  // it. Every pass but the last also splats its Q for the next one.
+  const std::vector<LatticeView> no_lats;
+  std::vector<const float*> blurred(K, nullptr);
+  for (int64_t it = -1; it < iterations; ++it) {
+    const bool slice = it >= 0;
+    for (int64_t k = 0; k < K && slice; ++k) blurred[k] = reduce_blur<float>(lats[k], false, vbufs[k]);
     // One task per splat part: update a block of pixels, then splat the new Q rows (still in
     // cache) into that part for the next iteration. The slices read the blurred buffers and the
     // splats write the part buffers, so nothing is read and written at once; each part receives
@@ -823,8 +836,8 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
         const int64_t hi = part_begin(p + 1, N);
         for (int64_t lo = part_begin(p, N); lo < hi; lo += 256) {
           const int64_t end = std::min(hi, lo + 256);
-          mean_field_update(lats, blurred, post.const_data_ptr<float>(), cpad.data(), cdiag.data(), diag, lpp, N, L,
-                            Lp, lo, end, qp);
+          mean_field_update(slice ? lats : no_lats, blurred, post.const_data_ptr<float>(), cpad.data(), cdiag.data(),
+                            diag, lpp, N, L, Lp, lo, end, qp);
           for (int64_t k = 0; k < K && splat_next; ++k)
             splat_pixels<float>(qp, pre_p + k * N, lats[k].off, lats[k].w, lats[k].D1, Lp, lo, end,
                                 vbufs[k].parts.mutable_data_ptr<float>() + p * vbufs[k].rows * Lp);
