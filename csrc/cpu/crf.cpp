@@ -131,12 +131,16 @@ std::tuple<Tensor, Tensor, Tensor> permutohedral_lattice_cpu(const Tensor& featu
   for (int i = 0; i < d; ++i) scale[i] = lattice::axis_scale(i, d);
 
   // 1. Every pixel's simplex, in parallel: keys [N, d+1, d] and weights [N, d+1].
+  auto* simplex = d == 2 ? &lattice::enclosing_simplex_fixed<2>
+                  : d == 3 ? &lattice::enclosing_simplex_fixed<3>
+                  : d == 5 ? &lattice::enclosing_simplex_fixed<5>
+                           : &lattice::enclosing_simplex_fixed<0>;
   std::vector<int32_t> keys(static_cast<size_t>(N) * D1 * d);
   Tensor weights = at::empty({N, D1}, features.options());
   float* w = weights.mutable_data_ptr<float>();
   at::parallel_for(0, N, 2048, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i)
-      lattice::enclosing_simplex(f + i * d, d, scale, keys.data() + i * D1 * d, w + i * D1);
+      simplex(f + i * d, d, scale, keys.data() + i * D1 * d, w + i * D1);
   });
 
   // 2. Vertex numbering in first-occurrence (pixel, corner) order, so it never depends on threads:
@@ -152,7 +156,15 @@ std::tuple<Tensor, Tensor, Tensor> permutohedral_lattice_cpu(const Tensor& featu
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t lo = c * E / kChunks, hi = (c + 1) * E / kChunks;
       VertexTable local(d);
-      for (int64_t e = lo; e < hi; ++e) off[e] = local.insert(keys.data() + e * d);
+      // Neighbouring pixels often share simplex corners, and a shared corner has the same
+      // remainder r, so it sits at the same position in the previous pixel's entries: check that
+      // first, before hashing.
+      for (int64_t e = lo; e < hi; ++e) {
+        const int32_t* key = keys.data() + e * d;
+        bool repeat = e - D1 >= lo;
+        for (int k = 0; k < d && repeat; ++k) repeat = key[k] == key[k - D1 * d];
+        off[e] = repeat ? off[e - D1] : local.insert(key);
+      }
       chunk_keys[c] = local.take_keys();
     }
   });

@@ -44,7 +44,11 @@ DSF_HD int32_t round_half_away(float x) {
 
 // The simplex enclosing feature f[0..d): for each of its d+1 vertices (remainder r = 0..d), the
 // first d lattice coordinates key[r*d .. r*d+d) and the barycentric weight bary[r].
-DSF_HD void enclosing_simplex(const float* f, int d, const float* scale, int32_t* key, float* bary) {
+// kD > 0 fixes d at compile time (every loop unrolls; several times faster for the common d = 2
+// and d = 5); kD = 0 takes d_runtime. Both compute the same bits.
+template <int kD>
+DSF_HD void enclosing_simplex_fixed(const float* f, int d_runtime, const float* scale, int32_t* key, float* bary) {
+  const int d = kD > 0 ? kD : d_runtime;
   float elevated[kMaxDim + 1];
   int32_t rem0[kMaxDim + 1];
   int32_t rank[kMaxDim + 1];
@@ -129,6 +133,10 @@ DSF_HD void blur_neighbor_keys(const int32_t* key, int d, int j, int32_t* n1, in
     n1[j] = key[j] + d;
     n2[j] = key[j] - d;
   }
+}
+
+DSF_HD void enclosing_simplex(const float* f, int d, const float* scale, int32_t* key, float* bary) {
+  enclosing_simplex_fixed<0>(f, d, scale, key, bary);
 }
 
 // The lattice filter's normalising constant for dimension d (from the reference implementation).
