@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.requirements-installed
 
-.PHONY: install build test bench clean
+.PHONY: install build test bench clean cuda-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ test: install
 
 bench: install
 	$(BIN)/deconvseg-fast bench
+
+# No GPU needed: builds the CUDA kernels out of tree in its own venv (.venv-cuda, torch's CUDA
+# build), then checks every op's CUDA registration, ptxas spills and the sm_80/sm_90 code.
+cuda-check:
+	PYTHON=$(PYTHON) bash .ci/cuda_check
 
 clean:
 	rm -rf build *.egg-info deconvseg_fast/_C*.so

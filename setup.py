@@ -24,10 +24,16 @@ def _want_cuda():
     return torch.version.cuda is not None and has_nvcc
 
 
+def _cxx_std():
+    # torch 2.14's headers require C++20 (ATen.h errors out below it); older ones build as C++17.
+    major, minor = (int(x) for x in torch.__version__.split(".")[:2])
+    return "-std=c++20" if (major, minor) >= (2, 14) else "-std=c++17"
+
+
 def _extension():
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
+    cxx = ["-O3", _cxx_std(), "-fopenmp", "-fno-math-errno"]
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     if _want_cuda() and cuda_sources:
         cuda_home = CUDA_HOME or os.path.dirname(os.path.dirname(shutil.which("nvcc")))
@@ -37,7 +43,7 @@ def _extension():
             include_dirs=include_dirs,
             extra_compile_args={
                 "cxx": cxx + ["-DDECONVSEG_WITH_CUDA"],
-                "nvcc": ["-O3", "-std=c++17", "-gencode=arch=compute_80,code=sm_80",
+                "nvcc": ["-O3", _cxx_std(), "-gencode=arch=compute_80,code=sm_80",
                          "-gencode=arch=compute_90,code=sm_90", "-DDECONVSEG_WITH_CUDA"],
             },
             library_dirs=[os.path.join(cuda_home, "lib"), os.path.join(cuda_home, "lib64")],
