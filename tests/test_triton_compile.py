@@ -1,9 +1,11 @@
-"""Ahead-of-time compilation of every Triton pooling kernel for sm_80 and sm_90, without a GPU.
+"""Ahead-of-time compilation of every Triton kernel for sm_80 and sm_90, without a GPU.
 
-Each entry of deconvseg_fast.kernels.pooling.KERNELS is compiled with triton.compile for both
-targets; the resulting cubin's registers and shared memory come from cuobjdump -res-usage and the
-spill bytes from ptxas -v on the same PTX (both tools ship inside the triton wheel). Any spill or
-local-memory use fails the test.
+Each entry of the KERNELS lists of deconvseg_fast.kernels.pooling and deconvseg_fast.kernels.crf
+is compiled with triton.compile for both targets; the resulting cubin's registers and shared
+memory come from cuobjdump -res-usage and the spill bytes from ptxas -v on the same PTX (both
+tools ship inside the triton wheel). Any spill or local-memory use fails the test. The crf entries
+are built by the same code that launches the kernels (kernels/crf.py `_launches`), on meta
+tensors shaped like a 500x375 image, so their signatures and constexprs are a real launch's.
 
 The work runs in a subprocess with TRITON_INTERPRET removed: `@triton.jit` decides between a
 compilable JITFunction and the interpreter's InterpretedFunction when the kernel module is
@@ -26,7 +28,7 @@ import torch  # noqa: F401  (loads libc10 & co. before the package's compiled ex
 import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
-from deconvseg_fast.kernels import pooling
+from deconvseg_fast.kernels import crf, pooling
 
 archs = [int(a) for a in sys.argv[1:]]
 bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -34,7 +36,30 @@ ptxas = os.path.join(bin_dir, "ptxas")
 cuobjdump = os.path.join(bin_dir, "cuobjdump")
 fmt_names = {0: "flat", 1: "window", 2: "packed"}
 
-def label(sig, const):
+def crf_label(fn, sig, const):
+    # e.g. "K2 d2P+d5G L32x16 final out[L,N]": the launch's kernels (d, Potts / General),
+    # BLOCK_L x BLOCK_N, softmax fused or energy written, and the layout of the output
+    if "NUM_K" in const:
+        ks = ["d%d%s" % (const["D1_%d" % i] - 1, "P" if const["DIAG_%d" % i] else "G")
+              for i in range(const["NUM_K"])]
+        parts = ["K%d %s" % (const["NUM_K"], "+".join(ks) if ks else "softmax")]
+        parts.append("L%dx%d" % (const["BLOCK_L"], const["BLOCK_N"]))
+        parts.append("final" if const["FINAL"] else "energy")
+        if not const["ALL_LABELS"]:
+            parts.append("chunked")
+    else:
+        parts = ["rows L%dx%d" % (const["BLOCK_L"], const["BLOCK_N"])]
+        if const.get("s_x_n") == 1:
+            parts.append("in[L,N]")
+    if const.get("s_out_n") == 1 and const.get("s_out_l") != 1:
+        parts.append("out[L,N]")
+    if const.get("INDEX_64"):
+        parts.append("i64")
+    return " ".join(parts)
+
+def label(fn, sig, const):
+    if "FORMAT" not in const:
+        return crf_label(fn, sig, const)
     parts = [fmt_names[const["FORMAT"]]]
     floats = [t[1:] for t in sig.values() if t.startswith(("*fp", "*bf"))]
     parts.append(floats[0] if floats else "switches")
@@ -51,9 +76,9 @@ def label(sig, const):
 
 rows = []
 with tempfile.TemporaryDirectory() as tmp:
-    for fn, sig, const in pooling.KERNELS:
+    for fn, sig, const in pooling.KERNELS + crf.KERNELS:
         for cc in archs:
-            row = {"kernel": fn.__name__, "spec": label(sig, const), "sm": cc}
+            row = {"kernel": fn.__name__, "spec": label(fn, sig, const), "sm": cc}
             try:
                 compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),
                                           target=GPUTarget("cuda", cc, 32))
@@ -91,7 +116,8 @@ with tempfile.TemporaryDirectory() as tmp:
                 spill_loads=int(spill.group(2)),
             )
             rows.append(row)
-print("ROWS" + json.dumps({"entries": len(pooling.KERNELS), "rows": rows}))
+print("ROWS" + json.dumps({"entries": len(pooling.KERNELS) + len(crf.KERNELS), "rows": rows,
+                          "crf_entries": len(crf.KERNELS)}))
 """
 
 
@@ -107,18 +133,19 @@ def _compile_all():
         f"AOT compile subprocess failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n"
         f"{proc.stderr[-4000:]}")
     result = json.loads(marker[-1][4:])
+    assert result["crf_entries"] > 0, "deconvseg_fast.kernels.crf.KERNELS is empty"
     return result["entries"], result["rows"]
 
 
 def _table(rows):
-    head = f"{'kernel':<32} {'spec':<28} {'sm':>3} {'regs':>5} {'smem':>6} {'spill':>6}"
+    head = f"{'kernel':<32} {'spec':<48} {'sm':>3} {'regs':>5} {'smem':>6} {'spill':>6}"
     lines = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['kernel']:<32} {r['spec']:<28} {r['sm']:>3} ERROR")
+            lines.append(f"{r['kernel']:<32} {r['spec']:<48} {r['sm']:>3} ERROR")
             continue
         spill = r["spill_stores"] + r["spill_loads"]
-        lines.append(f"{r['kernel']:<32} {r['spec']:<28} {r['sm']:>3} {r['regs']:>5} "
+        lines.append(f"{r['kernel']:<32} {r['spec']:<48} {r['sm']:>3} {r['regs']:>5} "
                      f"{r['smem']:>6} {spill:>6}")
     return "\n".join(lines)
 

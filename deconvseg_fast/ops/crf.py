@@ -118,3 +118,105 @@ def mean_field(logits: torch.Tensor, lattices, pre: torch.Tensor, post: torch.Te
     flat = [t for lat in lattices for t in lat.tensors]
     return _ops.dense_crf_mean_field.default(logits.float().contiguous(), flat, pre.float().contiguous(),
                                              post.float().contiguous(), compat.float().contiguous(), int(iterations))
+
+
+# ----------------------------------------------------------------------------------------------
+# Mean field on "cuda": the splat and blur of every kernel is the permutohedral_splat_blur op, the
+# rest of each iteration (slice, compatibility, softmax) one fused Triton update
+# (deconvseg_fast/kernels/crf.py). The kernels module (and triton) is imported on the first call,
+# so importing the package compiles nothing and works without triton.
+# ----------------------------------------------------------------------------------------------
+
+def _triton():
+    try:
+        from deconvseg_fast.kernels import crf as triton_crf
+    except ImportError as exc:  # pragma: no cover - needs a CUDA machine without triton
+        raise RuntimeError(f"the CUDA kernels of deconvseg_fast need triton (pip install triton): {exc}") from exc
+    return triton_crf
+
+
+def _check_lattice(offsets, weights, neighbors):
+    # csrc/cpu/crf.cpp view_lattice's shape and dtype checks, with its messages.
+    if not all(isinstance(t, torch.Tensor) for t in (offsets, weights, neighbors)):
+        raise TypeError("lattices must be a list of tensors")
+    if offsets.dim() != 2 or offsets.dtype != torch.int32:
+        raise ValueError("offsets must be an int32 [N, d+1] tensor")
+    if weights.shape != offsets.shape or weights.dtype != torch.float32:
+        raise ValueError("weights must be a float32 tensor shaped like offsets")
+    d1 = offsets.shape[1]
+    if not 2 <= d1 <= MAX_DIM + 1:
+        raise ValueError(f"offsets must have d+1 columns for 1 <= d <= {MAX_DIM}, got {d1}")
+    if neighbors.dim() != 3 or neighbors.shape[0] != d1 or neighbors.shape[2] != 2 or neighbors.dtype != torch.int32:
+        raise ValueError("neighbors must be an int32 [d+1, M, 2] tensor")
+
+
+def _check_mean_field(logits, lattices, pre, post, compat, iterations):
+    """The CPU op's argument checks, with its ValueError messages; returns (L, N, K)."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.dtype != torch.float32:
+        raise ValueError("logits must be a float32 [L, N] tensor")
+    lattices = list(lattices)
+    if len(lattices) % 3 != 0 or not lattices:
+        raise ValueError(f"lattices must hold 3 tensors per kernel, got {len(lattices)}")
+    if iterations < 0:
+        raise ValueError(f"iterations must be non-negative, got {iterations}")
+    L, N = logits.shape
+    K = len(lattices) // 3
+    for name, t in (("pre", pre), ("post", post)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (K, N) or t.dtype != torch.float32:
+            raise ValueError(f"{name} must be a float32 [K, N] tensor")
+    if not isinstance(compat, torch.Tensor) or tuple(compat.shape) != (K, L, L) or compat.dtype != torch.float32:
+        raise ValueError("compat must be a float32 [K, L, L] tensor")
+    for k in range(K):
+        _check_lattice(*lattices[3 * k:3 * k + 3])
+        if lattices[3 * k].shape[0] != N:
+            raise ValueError(f"lattice {k} has {lattices[3 * k].shape[0]} points, logits have {N}")
+    device = logits.device
+    for name, t in [("pre", pre), ("post", post), ("compat", compat)] + [("lattices", t) for t in lattices]:
+        if t.device != device:
+            raise ValueError(f"{name} must be on {device} like logits, got {t.device}")
+    return L, N, K
+
+
+def _mean_field_cuda(logits, lattices, pre, post, compat, iterations):
+    """dense_crf_mean_field for "cuda": logits [L, N] -> Q [L, N] (contiguous, as the CPU op)."""
+    L, N, K = _check_mean_field(logits, lattices, pre, post, compat, iterations)
+    lats = [tuple(t.contiguous() for t in lattices[3 * k:3 * k + 3]) for k in range(K)]
+    pre, post, compat = pre.contiguous(), post.contiguous(), compat.contiguous()
+    # One host synchronisation for every data-dependent check: vertex indices in range (the Triton
+    # update gathers at them; the CPU op refuses them with these messages) and which compats are
+    # diagonal (Potts: the update skips the [L, L] product). Any non-zero off-diagonal entry,
+    # NaN included, makes a compat general, as in the CPU op.
+    flags = []
+    for off, _w, nb in lats:
+        m = nb.shape[1]
+        flags += [((off < 0) | (off >= m)).any(), ((nb < 0) | (nb > m)).any()]
+    off_diag = compat.clone()
+    off_diag.diagonal(dim1=1, dim2=2).zero_()
+    flags.append((off_diag != 0).flatten(1).any(dim=1))
+    host = torch.cat([f.reshape(-1) for f in flags]).tolist()
+    for k, (off, _w, nb) in enumerate(lats):
+        m = nb.shape[1]
+        if host[2 * k]:
+            raise ValueError(f"offsets hold out-of-range vertices (expected 0..{m - 1})")
+        if host[2 * k + 1]:
+            raise ValueError(f"neighbors hold out-of-range vertices (expected 0..{m})")
+    diagonal = [not g for g in host[2 * K:]]
+
+    result = torch.empty((L, N), dtype=torch.float32, device=logits.device)
+    if result.numel() == 0:
+        return result
+    tc = _triton()
+    logits_nl = logits.t()  # [N, L] view; the update reads the logits through strides
+    # Q point-major [N, L] (what the splat reads) between iterations; the last update writes the
+    # [L, N] result through a transposed view.
+    q = torch.empty((N, L), dtype=torch.float32, device=logits.device) if iterations else result.t()
+    tc.mean_field_update(logits_nl, q, [])
+    for it in range(iterations):
+        blurred = [_ops.permutohedral_splat_blur.default(q, pre[k], *lats[k], False) for k in range(K)]
+        out = result.t() if it == iterations - 1 else q
+        kernels = [(lats[k][0], lats[k][1], blurred[k], post[k], compat[k], diagonal[k]) for k in range(K)]
+        tc.mean_field_update(logits_nl, out, kernels)
+    return result
+
+
+torch.library.register_kernel("deconvseg::dense_crf_mean_field", "cuda", _mean_field_cuda)
