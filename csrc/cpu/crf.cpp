@@ -655,8 +655,10 @@ struct MeanFieldKernel {
 };
 
 // The fused update of mean_field_update with the label axis held in NV registers (Lp = 16 NV) from
-// the slice to the softmax, and the next iteration's splat done from those registers too.
-//   logits [N, Lp] (padding -1e30); q [N, Lp] written.
+// the slice to the softmax, and the next iteration's splat done from those registers too. The
+// update is bound by memory traffic, so logits and Q are unpadded rows of L floats (masked loads
+// and stores), and Q is written only when asked for: the splat reads it from the registers.
+//   logits [N, L]; q [N, L] written, or null.
 template <int NV>
 DSF_AVX512 void mean_field_block(const MeanFieldKernel* ks, int64_t K, const float* __restrict logits, int64_t L,
                                  int64_t begin, int64_t end, float* __restrict q) {
@@ -667,9 +669,10 @@ DSF_AVX512 void mean_field_block(const MeanFieldKernel* ks, int64_t K, const flo
     live[v] = rem >= 16 ? __mmask16(0xFFFF) : rem <= 0 ? __mmask16(0) : static_cast<__mmask16>((1u << rem) - 1u);
   }
   alignas(64) float f[Lp];
+  const __m512 lowest = _mm512_set1_ps(-1e30f);  // padding: never the max, exps to 0
   for (int64_t i = begin; i < end; ++i) {
     __m512 t[NV];
-    for (int v = 0; v < NV; ++v) t[v] = _mm512_loadu_ps(logits + i * Lp + 16 * v);
+    for (int v = 0; v < NV; ++v) t[v] = _mm512_mask_loadu_ps(lowest, live[v], logits + i * L + 16 * v);
     for (int64_t k = 0; k < K; ++k) {
       const MeanFieldKernel& kk = ks[k];
       if (!kk.blurred) continue;  // pass -1: Q0, no messages yet
@@ -706,7 +709,7 @@ DSF_AVX512 void mean_field_block(const MeanFieldKernel* ks, int64_t K, const flo
     const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
     for (int v = 0; v < NV; ++v) {
       e[v] = _mm512_mul_ps(e[v], inv);
-      _mm512_storeu_ps(q + i * Lp + 16 * v, e[v]);
+      if (q) _mm512_mask_storeu_ps(q + i * L + 16 * v, live[v], e[v]);
     }
     for (int64_t k = 0; k < K; ++k) {
       const MeanFieldKernel& kk = ks[k];
@@ -782,9 +785,17 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
         if (l == m) cdiag[k * Lp + l] = v;
         if (l != m && v != 0.f) diag[k] = 0;
       }
-  // Point-major, padded logits; padding is -1e30 so it never wins the max and exps to 0.
-  Tensor lp = empty_output({N, Lp}, at::kFloat, at::MemoryFormat::Contiguous);
-  Tensor q = empty_output({N, Lp}, at::kFloat, at::MemoryFormat::Contiguous);
+#ifdef DSF_HAVE_AVX512_KERNELS
+  // Labels held in registers through the whole update when they fit in up to four vectors.
+  const avx512::MeanFieldBlockFn fast_block = avx512::mean_field_block_for(Lp);
+#else
+  const bool fast_block = false;
+#endif
+  // Point-major logits and Q, rows of ls floats: unpadded for the register-resident update, else
+  // padded to Lp with logits of -1e30, which never win the max and exp to 0.
+  const int64_t ls = fast_block ? L : Lp;
+  Tensor lp = empty_output({N, ls}, at::kFloat, at::MemoryFormat::Contiguous);
+  Tensor q = empty_output({N, ls}, at::kFloat, at::MemoryFormat::Contiguous);
   float* lpp = lp.mutable_data_ptr<float>();
   float* qp = q.mutable_data_ptr<float>();
   const float* lg = logits.const_data_ptr<float>();
@@ -793,16 +804,14 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
   at::parallel_for(0, (N + 63) / 64, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t i0 = b * 64, i1 = std::min(N, i0 + 64);
-      for (int64_t c = 0; c < Lp; ++c)
-        for (int64_t i = i0; i < i1; ++i) lpp[i * Lp + c] = c < L ? lg[c * N + i] : -1e30f;
+      for (int64_t c = 0; c < ls; ++c)
+        for (int64_t i = i0; i < i1; ++i) lpp[i * ls + c] = c < L ? lg[c * N + i] : -1e30f;
     }
   });
   std::vector<VertexBuffers<float>> vbufs;
   for (int64_t k = 0; k < K && iterations > 0; ++k) vbufs.emplace_back(lats[k], Lp, at::kFloat);
   const float* pre_p = pre.const_data_ptr<float>();
 #ifdef DSF_HAVE_AVX512_KERNELS
-  // Labels held in registers through the whole update when they fit in up to four vectors.
-  const avx512::MeanFieldBlockFn fast_block = avx512::mean_field_block_for(Lp);
   std::vector<float> ctrans(K * Lp * Lp, 0.f);  // [K, Lp, Lp] each compat transposed
   std::vector<avx512::MeanFieldKernel> fast_kernels(K);
   for (int64_t k = 0; k < K; ++k) {
@@ -841,7 +850,7 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
             ks[k].blurred = blurred[k];
             ks[k].parts = splat_next ? vbufs[k].parts.mutable_data_ptr<float>() + p * vbufs[k].rows * Lp : nullptr;
           }
-          fast_block(ks.data(), K, lpp, L, part_begin(p, N), part_begin(p + 1, N), qp);
+          fast_block(ks.data(), K, lpp, L, part_begin(p, N), part_begin(p + 1, N), splat_next ? nullptr : qp);
           continue;
         }
 #endif
@@ -863,7 +872,7 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t i0 = b * 64, i1 = std::min(N, i0 + 64);
       for (int64_t l = 0; l < L; ++l)
-        for (int64_t i = i0; i < i1; ++i) o[l * N + i] = qp[i * Lp + l];
+        for (int64_t i = i0; i < i1; ++i) o[l * N + i] = qp[i * ls + l];
     }
   });
   return out;
