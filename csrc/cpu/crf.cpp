@@ -371,6 +371,13 @@ DSF_MULTIVERSION void blur_range(const T* __restrict src, const int32_t* __restr
 // out[0:Cp] = sum over pixel i's simplex corners of (weight * buf[vertex+1]) * alpha.
 template <typename T>
 inline void slice_one(const T* __restrict buf, const LatticeView& L, int64_t i, int64_t Cp, T alpha, T* __restrict out) {
+  if (Cp == 1) {  // the normalisation's constant image: a register sum, not a store-to-load chain
+    T acc = T(0);
+    for (int64_t r = 0; r < L.D1; ++r)
+      acc += static_cast<T>(L.w[i * L.D1 + r]) * buf[static_cast<int64_t>(L.off[i * L.D1 + r]) + 1] * alpha;
+    out[0] = acc;
+    return;
+  }
   for (int64_t c = 0; c < Cp; ++c) out[c] = T(0);
   for (int64_t r = 0; r < L.D1; ++r) {
     const int64_t vtx = L.off[i * L.D1 + r];
