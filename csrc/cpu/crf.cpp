@@ -130,40 +130,41 @@ std::tuple<Tensor, Tensor, Tensor> permutohedral_lattice_cpu(const Tensor& featu
   float scale[lattice::kMaxDim];
   for (int i = 0; i < d; ++i) scale[i] = lattice::axis_scale(i, d);
 
-  // 1. Every pixel's simplex, in parallel: keys [N, d+1, d] and weights [N, d+1].
+  // 1. Every pixel's simplex, and vertex numbering in first-occurrence (pixel, corner) order, so it
+  //    never depends on threads: a fixed number of contiguous chunks of pixels find their simplices
+  //    and number their own corners in parallel (the keys never leave the chunk's table); then the
+  //    chunks' distinct keys are entered into the global table in chunk order (which reproduces
+  //    the sequential first-occurrence order), and every entry is mapped to its global index.
   auto* simplex = d == 2 ? &lattice::enclosing_simplex_fixed<2>
                   : d == 3 ? &lattice::enclosing_simplex_fixed<3>
                   : d == 5 ? &lattice::enclosing_simplex_fixed<5>
                            : &lattice::enclosing_simplex_fixed<0>;
-  std::vector<int32_t> keys(static_cast<size_t>(N) * D1 * d);
+  constexpr int64_t kChunks = 16;
+  auto chunk_begin = [&](int64_t c) { return c * N / kChunks; };
   Tensor weights = at::empty({N, D1}, features.options());
   float* w = weights.mutable_data_ptr<float>();
-  at::parallel_for(0, N, 2048, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i)
-      simplex(f + i * d, d, scale, keys.data() + i * D1 * d, w + i * D1);
-  });
-
-  // 2. Vertex numbering in first-occurrence (pixel, corner) order, so it never depends on threads:
-  //    a fixed number of contiguous chunks number their own keys in parallel, then the chunks'
-  //    distinct keys are entered into the global table in chunk order (which reproduces the
-  //    sequential first-occurrence order), and every entry is mapped to its global index.
-  const int64_t E = N * D1;
-  constexpr int64_t kChunks = 16;
   Tensor offsets = at::empty({N, D1}, features.options().dtype(at::kInt));
   int32_t* off = offsets.mutable_data_ptr<int32_t>();
   std::vector<std::vector<int32_t>> chunk_keys(kChunks);  // each chunk's distinct keys, local order
   at::parallel_for(0, kChunks, 1, [&](int64_t c0, int64_t c1) {
+    std::vector<int32_t> key_buf(2 * D1 * d);  // this pixel's corners and the previous pixel's
     for (int64_t c = c0; c < c1; ++c) {
-      const int64_t lo = c * E / kChunks, hi = (c + 1) * E / kChunks;
       VertexTable local(d);
-      // Neighbouring pixels often share simplex corners, and a shared corner has the same
-      // remainder r, so it sits at the same position in the previous pixel's entries: check that
-      // first, before hashing.
-      for (int64_t e = lo; e < hi; ++e) {
-        const int32_t* key = keys.data() + e * d;
-        bool repeat = e - D1 >= lo;
-        for (int k = 0; k < d && repeat; ++k) repeat = key[k] == key[k - D1 * d];
-        off[e] = repeat ? off[e - D1] : local.insert(key);
+      int32_t* keys = key_buf.data();
+      int32_t* prev = keys + D1 * d;
+      for (int64_t i = chunk_begin(c); i < chunk_begin(c + 1); ++i) {
+        simplex(f + i * d, d, scale, keys, w + i * D1);
+        // Neighbouring pixels often share simplex corners, and a shared corner has the same
+        // remainder r, so it sits at the same position among the previous pixel's corners:
+        // check that first, before hashing.
+        const bool has_prev = i > chunk_begin(c);
+        for (int r = 0; r < D1; ++r) {
+          const int32_t* key = keys + r * d;
+          bool repeat = has_prev;
+          for (int k = 0; k < d && repeat; ++k) repeat = key[k] == prev[r * d + k];
+          off[i * D1 + r] = repeat ? off[(i - 1) * D1 + r] : local.insert(key);
+        }
+        std::swap(keys, prev);
       }
       chunk_keys[c] = local.take_keys();
     }
@@ -179,10 +180,8 @@ std::tuple<Tensor, Tensor, Tensor> permutohedral_lattice_cpu(const Tensor& featu
   }
   at::parallel_for(0, kChunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c)
-      for (int64_t e = c * E / kChunks; e < (c + 1) * E / kChunks; ++e) off[e] = to_global[c][off[e]];
+      for (int64_t e = chunk_begin(c) * D1; e < chunk_begin(c + 1) * D1; ++e) off[e] = to_global[c][off[e]];
   });
-  keys.clear();
-  keys.shrink_to_fit();
   const int64_t M = table.size();
 
   // 3. Blur neighbours along each axis j: all coordinates -1 (resp. +1) except axis j, which moves
