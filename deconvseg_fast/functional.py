@@ -161,11 +161,13 @@ def permutohedral_filter(values: torch.Tensor, features: torch.Tensor) -> torch.
 
 def _lattice_memory(n: int) -> int:
     """Upper bound on the bytes building one image's two lattices takes (worst case: every simplex
-    corner its own vertex): offsets, weights and build-time keys per corner, neighbours per axis."""
+    corner its own vertex). Per corner: offset, weight and chunk-to-global index (4 bytes each),
+    its key in the chunk's and in the global table (4 d each), and their slots (at most 4 ints per
+    key, since a table doubles when half full); then the neighbours, 2 ints per vertex and axis."""
     total = 0
     for d in (2, 5):
         corners = n * (d + 1)
-        total += corners * (4 + 4 + 4 * d) + (d + 1) * corners * 2 * 4
+        total += corners * (12 + 8 * d + 32) + (d + 1) * corners * 2 * 4
     return total
 
 
