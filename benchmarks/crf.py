@@ -177,21 +177,31 @@ def build_crf(module, img: np.ndarray, U: np.ndarray):
 class Runner:
     """The three timed callables of one implementation on one case's inputs."""
 
-    def __init__(self, impl: str, imgs: list[np.ndarray], unaries: list[np.ndarray], iterations: int):
+    def __init__(self, impl: str, imgs: list[np.ndarray], unaries: list[np.ndarray], iterations: int,
+                 device: str = "cpu"):
         self.impl, self.imgs, self.unaries, self.iterations = impl, imgs, unaries, iterations
+        self.device = device
+        if device != "cpu" and impl != "functional":
+            raise ValueError(f"only the functional CRF runs on {device!r}; {impl!r} is CPU-only")
         if impl == "functional":
             self.unary_t = torch.stack([torch.from_numpy(-u).reshape(u.shape[0], *i.shape[:2])
-                                        for u, i in zip(unaries, imgs)])
-            self.image_t = torch.stack([torch.from_numpy(i).permute(2, 0, 1) for i in imgs]).contiguous()
+                                        for u, i in zip(unaries, imgs)]).to(device)
+            self.image_t = torch.stack([torch.from_numpy(i).permute(2, 0, 1) for i in imgs]).contiguous().to(device)
             self._dense_crf = functional_dense_crf()
         else:
             self.module = _crf_module(impl)
             self._prebuilt = None
 
     # build only (for compat/pydensecrf: the real set-up calls; functional: iterations=0)
+    def _sync(self):
+        if self.device == "cuda":  # a phase ends when the GPU is done, not when the launches are queued
+            torch.cuda.synchronize()
+
     def build(self):
         if self.impl == "functional":
-            return self._dense_crf(self.unary_t, self.image_t, iterations=0, **DEEPLAB)
+            out = self._dense_crf(self.unary_t, self.image_t, iterations=0, **DEEPLAB)
+            self._sync()
+            return out
         return [build_crf(self.module, i, u) for i, u in zip(self.imgs, self.unaries)]
 
     def prebuild(self):
@@ -204,6 +214,7 @@ class Runner:
         if self.impl == "functional":
             self._last = self._dense_crf(self.unary_t, self.image_t, iterations=self.iterations,
                                          **DEEPLAB)
+            self._sync()
         else:
             self._last = [d.inference(self.iterations) for d in self._prebuilt]
         return self._last
@@ -211,7 +222,7 @@ class Runner:
     def outputs(self) -> list[np.ndarray]:
         """Q of every image from the last `iterate`, (L, H*W) float32 each."""
         if self.impl == "functional":
-            q = self._last
+            q = self._last.cpu()
             return [q[b].reshape(q.shape[1], -1).numpy() for b in range(q.shape[0])]
         return [np.asarray(q) for q in self._last]
 
@@ -394,10 +405,13 @@ SWEEP_BUDGET_S = 3.0
 
 
 def run_case(case: CrfCase, rounds: int, budget_s: float | None = None,
-             measure_peak: bool | None = None) -> CrfResult:
-    """Time one case: ours (build, iterations, end to end, peak memory) and pydensecrf likewise."""
+             measure_peak: bool | None = None, device: str = "cpu") -> CrfResult:
+    """Time one case: ours (build, iterations, end to end, peak memory) and pydensecrf likewise.
+    On device "cuda" ours runs on the GPU (functional cases only; each phase ends with a
+    synchronize) against pydensecrf on the CPU, and peak memory is not measured (it is host RSS)."""
     budget_s = budget_s if budget_s is not None else CASE_BUDGET_S.get(case.kind, SWEEP_BUDGET_S)
     measure_peak = case.kind in PEAK_KINDS if measure_peak is None else measure_peak
+    measure_peak = measure_peak and device == "cpu"
     imgs = [photo(case.height, case.width, i) for i in range(case.batch)]
     unaries = [noisy_unary(img, case.labels, seed=i) for i, img in enumerate(imgs)]
     threads = case.threads or torch.get_num_threads()
@@ -405,7 +419,7 @@ def run_case(case: CrfCase, rounds: int, budget_s: float | None = None,
     ref_key = (case.height, case.width, case.labels, case.iterations, case.batch)
     cached = _REF_CACHE.get(ref_key) if pd is not None else None
 
-    runners = {"ours": Runner(case.impl, imgs, unaries, case.iterations)}
+    runners = {"ours": Runner(case.impl, imgs, unaries, case.iterations, device)}
     thr = {"ours": threads}
     if pd is not None and cached is None:
         runners["ref"] = Runner("pydensecrf", imgs, unaries, case.iterations)

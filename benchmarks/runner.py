@@ -615,21 +615,20 @@ def run_crf(device: str = "cpu", quick: bool = False, csv_path: str | None = Non
     progress = sys.stderr if progress is None else progress
     selected = crf.select(crf.cases(quick=quick, sweeps=sweeps or bool(filter)), filter)
     if device != "cpu":
-        # The CRF suite times the CPU kernels (pydensecrf is CPU-only); GPU rows come with the
-        # CUDA lattice.
-        print(f"CRF benchmark: device {device!r} not supported yet, CRF cases run on the CPU",
-              file=progress, flush=True)
+        # On a GPU ours is the functional path (the pydensecrf-compatible API works on numpy
+        # arrays, on the CPU); pydensecrf stays the CPU reference. Thread cases are CPU-only.
+        selected = [c for c in selected if c.impl == "functional" and c.kind != "threads"]
     pd, why = crf.pydensecrf_status()
     if pd is None:
         print(f"warning: {why}; the CRF rows have no reference", file=progress, flush=True)
-    env = environment("cpu")
+    env = environment(device)
     rounds = rounds or (2 if quick else 5)
     results = []
     t_start = time.perf_counter()
     for i, case in enumerate(selected, 1):
         print(f"[crf {i}/{len(selected)}] {case.name}", file=progress, flush=True)
         results.append(crf.run_case(case, rounds, budget_s=1.0 if quick else None,
-                                    measure_peak=False if quick else None))
+                                    measure_peak=False if quick else None, device=device))
     crf.clear_caches()
     wall_s = time.perf_counter() - t_start
     rows = [crf_row(env, quick, r) for r in results]
