@@ -175,6 +175,43 @@ def test_same_bits_for_any_thread_count(tmp_path):
     assert torch.equal(results[0], results[1]) and torch.equal(results[1], results[2])
 
 
+PORTABLE = """
+import torch, deconvseg_fast.functional as F
+g = torch.Generator().manual_seed(0)
+out = {{}}
+for d in (2, 3, 5, 7):  # 2, 3, 5 have 16-point AVX-512 simplex kernels; 7 does not
+    for spread in (0.3, 3.0, 40.0):
+        f = torch.rand(1003, d, generator=g) * spread
+        f[:64] = torch.round(f[:64] * 2) / 2  # points on rounding ties
+        out[d, spread] = torch.ops.deconvseg.permutohedral_lattice(f)
+unary = torch.randn(2, 21, 30, 41, generator=g)
+img = (torch.rand(2, 3, 30, 41, generator=g) * 255).to(torch.uint8)
+out["crf"] = F.dense_crf(unary, img, iterations=3)
+torch.save(out, "{path}")
+"""
+
+
+def test_avx512_kernels_match_the_portable_code(tmp_path):
+    # DECONVSEG_DISABLE_AVX512=1 runs the portable loops on the same machine. The lattice must be the
+    # same bits (its simplex math is exact float arithmetic in a fixed order); mean field differs only
+    # by the rounding of its fused multiply-adds and exp polynomial.
+    results = []
+    for disable in ("0", "1"):
+        path = tmp_path / f"lattice{disable}.pt"
+        env = {"DECONVSEG_DISABLE_AVX512": disable, "OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"}
+        done = subprocess.run([sys.executable, "-c", PORTABLE.format(path=path)], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        results.append(torch.load(path))
+    fast, portable = results
+    for key in fast:
+        if key == "crf":
+            torch.testing.assert_close(fast[key], portable[key], rtol=0, atol=1e-5)
+        else:
+            for a, b in zip(fast[key], portable[key]):
+                assert torch.equal(a, b), key
+
+
 def test_opcheck():
     f = torch.rand(60, 3, generator=torch.Generator().manual_seed(0)) * 2
     lat = ops.permutohedral_lattice(f)

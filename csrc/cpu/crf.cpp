@@ -99,6 +99,103 @@ class VertexTable {
   std::vector<int32_t> keys_;
 };
 
+#ifdef DSF_HAVE_AVX512_KERNELS
+namespace avx512 {
+
+// a * b rounded on its own. GCC implements _mm512_mul_ps as plain vector arithmetic and may fuse it
+// with a following add into an FMA (one rounding instead of two); the explicit-rounding form is
+// never fused, so the products round exactly as the scalar code's do.
+DSF_AVX512 inline __m512 mul_exact(__m512 a, __m512 b) {
+  return _mm512_mul_round_ps(a, b, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+}
+
+// lattice::enclosing_simplex_fixed<D> for 16 points at once, one point per lane, with the same
+// float operations in the same order (so the same bits: tests compare it with the scalar code).
+//   f [16, D] features; scale [D]; key [16, D+1, D] out; bary [16, D+1] out.
+template <int D>
+DSF_AVX512 void enclosing_simplex16(const float* __restrict f, const float* __restrict scale, int32_t* __restrict key,
+                                    float* __restrict bary) {
+  constexpr int D1 = D + 1;
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i one = _mm512_set1_epi32(1), zero_i = _mm512_setzero_si512();
+  __m512 elevated[D1];
+  __m512 sm = _mm512_setzero_ps();
+  const __m512i f_at = _mm512_mullo_epi32(lane, _mm512_set1_epi32(D));
+  for (int j = D; j > 0; --j) {
+    const __m512 cf = mul_exact(_mm512_i32gather_ps(f_at, f + (j - 1), 4), _mm512_set1_ps(scale[j - 1]));
+    elevated[j] = _mm512_sub_ps(sm, mul_exact(_mm512_set1_ps(static_cast<float>(j)), cf));
+    sm = _mm512_add_ps(sm, cf);
+  }
+  elevated[0] = sm;
+  const __m512 down = _mm512_set1_ps(1.0f / static_cast<float>(D1));
+  const __m512 up = _mm512_set1_ps(static_cast<float>(D1));
+  __m512i rem0[D1], rank[D1];
+  __m512i sum = zero_i;
+  for (int i = 0; i < D1; ++i) {
+    const __m512 x = mul_exact(down, elevated[i]);
+    const __m512i t = _mm512_cvttps_epi32(x);
+    const __m512 r = _mm512_sub_ps(x, _mm512_cvtepi32_ps(t));
+    __m512i rd = _mm512_mask_add_epi32(t, _mm512_cmp_ps_mask(r, _mm512_set1_ps(0.5f), _CMP_GE_OQ), t, one);
+    rd = _mm512_mask_sub_epi32(rd, _mm512_cmp_ps_mask(r, _mm512_set1_ps(-0.5f), _CMP_LE_OQ), rd, one);
+    rem0[i] = _mm512_cvttps_epi32(mul_exact(_mm512_cvtepi32_ps(rd), up));
+    sum = _mm512_add_epi32(sum, rd);
+    rank[i] = zero_i;
+  }
+  __m512 residual[D1];
+  for (int i = 0; i < D1; ++i) residual[i] = _mm512_sub_ps(elevated[i], _mm512_cvtepi32_ps(rem0[i]));
+  for (int i = 0; i < D; ++i)
+    for (int j = i + 1; j < D1; ++j) {
+      const __mmask16 lt = _mm512_cmp_ps_mask(residual[i], residual[j], _CMP_LT_OQ);
+      rank[i] = _mm512_mask_add_epi32(rank[i], lt, rank[i], one);
+      rank[j] = _mm512_mask_add_epi32(rank[j], static_cast<__mmask16>(~lt), rank[j], one);
+    }
+  const __m512i d1 = _mm512_set1_epi32(D1), dd = _mm512_set1_epi32(D);
+  for (int i = 0; i < D1; ++i) {
+    rank[i] = _mm512_add_epi32(rank[i], sum);
+    const __mmask16 low = _mm512_cmplt_epi32_mask(rank[i], zero_i);
+    const __mmask16 high = _mm512_cmpgt_epi32_mask(rank[i], dd);
+    rank[i] = _mm512_mask_add_epi32(rank[i], low, rank[i], d1);
+    rem0[i] = _mm512_mask_add_epi32(rem0[i], low, rem0[i], d1);
+    rank[i] = _mm512_mask_sub_epi32(rank[i], high, rank[i], d1);
+    rem0[i] = _mm512_mask_sub_epi32(rem0[i], high, rem0[i], d1);
+  }
+  // b[d - rank[i]] += v; b[d - rank[i] + 1] -= v, in the scalar code's order of i.
+  __m512 b[D1 + 1];
+  for (int k = 0; k <= D1; ++k) b[k] = _mm512_setzero_ps();
+  for (int i = 0; i < D1; ++i) {
+    const __m512 v = mul_exact(_mm512_sub_ps(elevated[i], _mm512_cvtepi32_ps(rem0[i])), down);
+    for (int k = 0; k <= D1; ++k) {
+      const __mmask16 plus = _mm512_cmpeq_epi32_mask(rank[i], _mm512_set1_epi32(D - k));
+      const __mmask16 minus = _mm512_cmpeq_epi32_mask(rank[i], _mm512_set1_epi32(D - k + 1));
+      b[k] = _mm512_mask_add_ps(b[k], plus, b[k], v);
+      b[k] = _mm512_mask_sub_ps(b[k], minus, b[k], v);
+    }
+  }
+  b[0] = _mm512_add_ps(b[0], _mm512_add_ps(_mm512_set1_ps(1.0f), b[D1]));
+  const __m512i key_at = _mm512_mullo_epi32(lane, _mm512_set1_epi32(D1 * D));
+  const __m512i bary_at = _mm512_mullo_epi32(lane, d1);
+  for (int r = 0; r < D1; ++r) {
+    for (int i = 0; i < D; ++i) {
+      const __mmask16 le = _mm512_cmple_epi32_mask(rank[i], _mm512_set1_epi32(D - r));
+      const __m512i k = _mm512_mask_blend_epi32(le, _mm512_add_epi32(rem0[i], _mm512_set1_epi32(r - D1)),
+                                                _mm512_add_epi32(rem0[i], _mm512_set1_epi32(r)));
+      _mm512_i32scatter_epi32(key + r * D + i, key_at, k, 4);
+    }
+    _mm512_i32scatter_ps(bary + r, bary_at, b[r], 4);
+  }
+}
+
+using Simplex16Fn = void (*)(const float*, const float*, int32_t*, float*);
+
+// The 16-point simplex for d = 2, 3 or 5, or null.
+inline Simplex16Fn enclosing_simplex16_for(int d) {
+  if (!cpu_has_avx512()) return nullptr;
+  return d == 2 ? &enclosing_simplex16<2> : d == 3 ? &enclosing_simplex16<3> : d == 5 ? &enclosing_simplex16<5> : nullptr;
+}
+
+}  // namespace avx512
+#endif
+
 std::tuple<Tensor, Tensor, Tensor> permutohedral_lattice_cpu(const Tensor& features_in) {
   TORCH_CHECK_VALUE(features_in.dim() == 2, "features must be a 2-D [N, d] tensor, got ", features_in.dim(), " dims");
   TORCH_CHECK_VALUE(features_in.scalar_type() == at::kFloat, "features must be float32, got ",
@@ -146,25 +243,42 @@ std::tuple<Tensor, Tensor, Tensor> permutohedral_lattice_cpu(const Tensor& featu
   Tensor offsets = at::empty({N, D1}, features.options().dtype(at::kInt));
   int32_t* off = offsets.mutable_data_ptr<int32_t>();
   std::vector<std::vector<int32_t>> chunk_keys(kChunks);  // each chunk's distinct keys, local order
+#ifdef DSF_HAVE_AVX512_KERNELS
+  const avx512::Simplex16Fn simplex16 = avx512::enclosing_simplex16_for(d);
+#else
+  const void* simplex16 = nullptr;
+#endif
+  constexpr int64_t kGroup = 16;  // pixels whose simplices are found together
   at::parallel_for(0, kChunks, 1, [&](int64_t c0, int64_t c1) {
-    std::vector<int32_t> key_buf(2 * D1 * d);  // this pixel's corners and the previous pixel's
+    // The previous pixel's corners, then a group's: [1 + kGroup, d+1, d].
+    std::vector<int32_t> key_buf((1 + kGroup) * D1 * d);
+    int32_t* group = key_buf.data() + D1 * d;
     for (int64_t c = c0; c < c1; ++c) {
       VertexTable local(d);
-      int32_t* keys = key_buf.data();
-      int32_t* prev = keys + D1 * d;
-      for (int64_t i = chunk_begin(c); i < chunk_begin(c + 1); ++i) {
-        simplex(f + i * d, d, scale, keys, w + i * D1);
+      const int64_t begin = chunk_begin(c), end = chunk_begin(c + 1);
+      for (int64_t g = begin; g < end; g += kGroup) {
+        const int64_t n = std::min(kGroup, end - g);
+#ifdef DSF_HAVE_AVX512_KERNELS
+        if (simplex16 && n == kGroup)
+          simplex16(f + g * d, scale, group, w + g * D1);
+        else
+#endif
+          for (int64_t p = 0; p < n; ++p) simplex(f + (g + p) * d, d, scale, group + p * D1 * d, w + (g + p) * D1);
         // Neighbouring pixels often share simplex corners, and a shared corner has the same
         // remainder r, so it sits at the same position among the previous pixel's corners:
         // check that first, before hashing.
-        const bool has_prev = i > chunk_begin(c);
-        for (int r = 0; r < D1; ++r) {
-          const int32_t* key = keys + r * d;
-          bool repeat = has_prev;
-          for (int k = 0; k < d && repeat; ++k) repeat = key[k] == prev[r * d + k];
-          off[i * D1 + r] = repeat ? off[(i - 1) * D1 + r] : local.insert(key);
+        for (int64_t p = 0; p < n; ++p) {
+          const int64_t i = g + p;
+          const int32_t* keys = group + p * D1 * d;
+          const int32_t* prev = keys - D1 * d;
+          for (int r = 0; r < D1; ++r) {
+            const int32_t* key = keys + r * d;
+            bool repeat = i > begin;
+            for (int k = 0; k < d && repeat; ++k) repeat = key[k] == prev[r * d + k];
+            off[i * D1 + r] = repeat ? off[(i - 1) * D1 + r] : local.insert(key);
+          }
         }
-        std::swap(keys, prev);
+        std::copy(group + (n - 1) * D1 * d, group + n * D1 * d, key_buf.data());
       }
       chunk_keys[c] = local.take_keys();
     }
