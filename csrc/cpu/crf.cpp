@@ -743,9 +743,10 @@ DSF_MULTIVERSION void mean_field_update(const std::vector<LatticeView>& lats, co
 #ifdef DSF_HAVE_AVX512_KERNELS
 namespace avx512 {
 
-// exp_approx on sixteen lanes (same range reduction and polynomial).
-DSF_AVX512 inline __m512 exp_ps(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+// exp_approx's range reduction and polynomial on sixteen lanes, for x <= 0 (the softmax's
+// arguments): 2^n is applied with scalef, which goes smoothly to 0 for very negative n, so no clamp
+// and no exponent-field arithmetic are needed (padding labels of -1e30 give exactly 0).
+DSF_AVX512 inline __m512 exp_nonpositive_ps(__m512 x) {
   const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
   const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(y, n);
@@ -756,8 +757,7 @@ DSF_AVX512 inline __m512 exp_ps(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  const __m512i bits = _mm512_add_epi32(_mm512_castps_si512(p), _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23));
-  return _mm512_castsi512_ps(bits);
+  return _mm512_scalef_ps(p, n);
 }
 
 // One kernel's share of a block of the mean-field iteration.
@@ -823,7 +823,7 @@ DSF_AVX512 void mean_field_block(const MeanFieldKernel* ks, int64_t K, const flo
     const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
     __m512 e[NV], sum = _mm512_setzero_ps();
     for (int v = 0; v < NV; ++v) {
-      e[v] = _mm512_maskz_mov_ps(live[v], exp_ps(_mm512_sub_ps(t[v], top)));
+      e[v] = exp_nonpositive_ps(_mm512_sub_ps(t[v], top));
       sum = _mm512_add_ps(sum, e[v]);
     }
     const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
