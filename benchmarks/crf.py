@@ -441,7 +441,8 @@ def run_case(case: CrfCase, rounds: int, budget_s: float | None = None,
         q_ref = cached["q"] if cached is not None else runners["ref"].outputs()
         agree = float(np.mean([(a.argmax(0) == b.argmax(0)).mean() for a, b in zip(q_ours, q_ref)]))
         dq = max(float(np.abs(a - b).max()) for a, b in zip(q_ours, q_ref))
-        check = f"MAP {100 * agree:.2f}% |dQ|max {dq:.1e}"
+        dq_mean = float(np.mean([np.abs(a - b).mean() for a, b in zip(q_ours, q_ref)]))
+        check = f"MAP {100 * agree:.2f}% |dQ|max {dq:.1e} mean {dq_mean:.0e}"
     else:
         check = why
 

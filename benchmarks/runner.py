@@ -541,7 +541,7 @@ def crf_table(rows: list[dict], fit_rows: list[dict], markdown: bool = False) ->
               "of the same run (median); speed-up = pydensecrf total / ours total; pydensecrf is "
               "single-threaded and loops over a batch; peak MB = growth of the peak RSS during one "
               "call in a fresh process (voc and batch rows); check = MAP agreement and "
-              "max |Q_ours - Q_pydensecrf| on these inputs; "
+              "max and mean |Q_ours - Q_pydensecrf| on these inputs; "
               "H100 roofline = max(bytes / 3.35 TB/s, flops / 67 TFLOP/s), see benchmarks/crf.py")
     parts = [f"**{crf_header_line(rows[0])}**" if markdown else crf_header_line(rows[0]), "", body,
              "", f"_{legend}_" if markdown else legend]
