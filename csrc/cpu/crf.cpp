@@ -49,7 +49,7 @@ class VertexTable {
     while (true) {
       int32_t& slot = slots_[h & mask_];
       if (slot < 0) {
-        slot = static_cast<int32_t>(size());
+        slot = static_cast<int32_t>(size_++);
         keys_.insert(keys_.end(), key, key + d_);
         return slot;
       }
@@ -68,8 +68,10 @@ class VertexTable {
     }
   }
 
-  int64_t size() const { return static_cast<int64_t>(keys_.size()) / d_; }
-  std::vector<int32_t> take_keys() { return std::move(keys_); }  // [size, d], insertion order
+  // Counted, not keys_.size() / d_: a division by a run-time d on every insert cost more than the
+  // probe.
+  int64_t size() const { return size_; }
+  std::vector<int32_t> take_keys() { return std::move(keys_); }  // [size, d], insertion order; the table is done
   const int32_t* key(int64_t v) const { return &keys_[v * d_]; }
 
  private:
@@ -95,6 +97,7 @@ class VertexTable {
 
   int d_;
   int64_t mask_;
+  int64_t size_ = 0;
   std::vector<int32_t> slots_;
   std::vector<int32_t> keys_;
 };
@@ -357,27 +360,42 @@ LatticeView view_lattice(const Tensor& offsets, const Tensor& weights, const Ten
   L.w = L.keep[1].const_data_ptr<float>();
   L.nb = L.keep[2].const_data_ptr<int32_t>();
   const int64_t M = L.M;
-  auto all_in = [](const int32_t* p, int64_t n, int32_t lo, int64_t hi) {
-    std::atomic<bool> ok{true};
-    at::parallel_for(0, n, 1 << 16, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
-        if (p[i] < lo || p[i] > hi) ok = false;
-    });
-    return ok.load();
-  };
-  TORCH_CHECK_VALUE(all_in(L.off, L.N * D1, 0, M - 1), "offsets hold out-of-range vertices (expected 0..", M - 1, ")");
-  TORCH_CHECK_VALUE(all_in(L.nb, D1 * M * 2, 0, M), "neighbors hold out-of-range vertices (expected 0..", M, ")");
+  // One min/max pass over the offsets gives both each part's band and the range check; min/max
+  // reductions vectorise (a flag written from the loop would not).
+  int32_t part_min[kSplatParts], part_max[kSplatParts];
   at::parallel_for(0, kSplatParts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      int32_t lo = std::numeric_limits<int32_t>::max(), hi = -1;
+      int32_t lo = std::numeric_limits<int32_t>::max(), hi = std::numeric_limits<int32_t>::min();
       for (int64_t e = part_begin(p, L.N) * D1; e < part_begin(p + 1, L.N) * D1; ++e) {
         lo = std::min(lo, L.off[e]);
         hi = std::max(hi, L.off[e]);
       }
-      L.part_lo[p] = hi < 0 ? 0 : static_cast<int64_t>(lo) + 1;
-      L.part_hi[p] = static_cast<int64_t>(hi) + 2;
+      part_min[p] = lo;
+      part_max[p] = hi;
     }
   });
+  bool off_ok = true;
+  for (int64_t p = 0; p < kSplatParts; ++p) {
+    if (part_max[p] < part_min[p]) {  // a part with no pixels (N < kSplatParts)
+      L.part_lo[p] = L.part_hi[p] = 0;
+      continue;
+    }
+    off_ok = off_ok && part_min[p] >= 0 && part_max[p] <= M - 1;
+    L.part_lo[p] = static_cast<int64_t>(part_min[p]) + 1;
+    L.part_hi[p] = static_cast<int64_t>(part_max[p]) + 2;
+  }
+  TORCH_CHECK_VALUE(off_ok, "offsets hold out-of-range vertices (expected 0..", M - 1, ")");
+  const int64_t n_nb = D1 * M * 2;
+  std::atomic<bool> nb_ok{true};
+  at::parallel_for(0, n_nb, 1 << 16, [&](int64_t begin, int64_t end) {
+    int32_t lo = 0, hi = 0;
+    for (int64_t i = begin; i < end; ++i) {
+      lo = std::min(lo, L.nb[i]);
+      hi = std::max(hi, L.nb[i]);
+    }
+    if (lo < 0 || hi > M) nb_ok = false;
+  });
+  TORCH_CHECK_VALUE(nb_ok.load(), "neighbors hold out-of-range vertices (expected 0..", M, ")");
   return L;
 }
 
