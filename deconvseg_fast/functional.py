@@ -267,8 +267,8 @@ def dense_crf(
     needs_grad = torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
     out = []
     for b in range(B):
-        rgb = image[b].reshape(3, -1).to(torch.float32)
-        bilateral = _crf.Lattice(torch.cat([torch.stack([xs / sb, ys / sb]), rgb / sc]))
+        red, green, blue = image[b].reshape(3, -1).to(torch.float32) / sc
+        bilateral = _crf.Lattice.from_points(torch.stack([xs / sb, ys / sb, red, green, blue], dim=1))
         lattices = (gaussian, bilateral)
         _refuse_if_too_big(_mean_field_memory(lattices, H * W, L, unary.element_size()), unary)
         norms = (g_norm, _crf_norm(bilateral, H * W, normalization, dtype))

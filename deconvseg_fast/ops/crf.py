@@ -79,12 +79,23 @@ class Lattice:
             raise ValueError(f"features must have 1 to {MAX_DIM} dimensions (rows), got {features.shape[0]}")
         if features.shape[1] == 0:
             raise ValueError("features must have at least one point (column)")
-        f = features.detach().to(torch.float32).t().contiguous()
+        self._build(features.detach().to(torch.float32).t().contiguous())
+
+    @classmethod
+    def from_points(cls, points: torch.Tensor) -> "Lattice":
+        """The lattice of ``points`` [N, d] float32 (the op's own point-major layout, no transpose)."""
+        if points.dim() != 2 or points.dtype != torch.float32:
+            raise ValueError(f"points must be a float32 [N, d] tensor, got {points.dtype} {list(points.shape)}")
+        lattice = cls.__new__(cls)
+        lattice._build(points.contiguous())
+        return lattice
+
+    def _build(self, f: torch.Tensor) -> None:
+        # The op refuses NaN/Inf itself; this says it in the features' own terms.
         if not torch.isfinite(f.sum()) and not torch.isfinite(f).all():
             raise ValueError("features must be finite (found NaN or Inf)")
         self.tensors = tuple(_ops.permutohedral_lattice.default(f))
-        self.dim = features.shape[0]
-        self.num_points = features.shape[1]
+        self.num_points, self.dim = f.shape
 
     @property
     def num_vertices(self) -> int:
