@@ -794,12 +794,13 @@ struct MeanFieldKernel {
 
 // The fused update of mean_field_update with the label axis held in NV registers (Lp = 16 NV) from
 // the slice to the softmax, and the next iteration's splat done from those registers too. The
-// update is bound by memory traffic, so logits and Q are unpadded rows of L floats (masked loads
-// and stores), and Q is written only when asked for: the splat reads it from the registers.
-//   logits [N, L]; q [N, L] written, or null.
+// logits are unpadded rows of L floats (masked loads). Q is written only on the last pass (the
+// splat takes it from the registers), straight into the op's label-major output: sixteen pixels
+// are gathered in a tile, then each label's sixteen values are written as one run.
+//   logits [N, L]; out [L, N] written for pixels [begin, end), or null.
 template <int NV>
 DSF_AVX512 void mean_field_block(const MeanFieldKernel* ks, int64_t K, const float* __restrict logits, int64_t L,
-                                 int64_t begin, int64_t end, float* __restrict q) {
+                                 int64_t N, int64_t begin, int64_t end, float* __restrict out) {
   constexpr int64_t Lp = 16 * NV;
   __mmask16 live[NV];
   for (int v = 0; v < NV; ++v) {
@@ -807,6 +808,8 @@ DSF_AVX512 void mean_field_block(const MeanFieldKernel* ks, int64_t K, const flo
     live[v] = rem >= 16 ? __mmask16(0xFFFF) : rem <= 0 ? __mmask16(0) : static_cast<__mmask16>((1u << rem) - 1u);
   }
   alignas(64) float f[Lp];
+  alignas(64) float tile[16 * Lp];  // [16 pixels, Lp] of Q on its way to out
+  int64_t tile_start = begin;
   const __m512 lowest = _mm512_set1_ps(-1e30f);  // padding: never the max, exps to 0
   for (int64_t i = begin; i < end; ++i) {
     __m512 t[NV];
@@ -845,9 +848,15 @@ DSF_AVX512 void mean_field_block(const MeanFieldKernel* ks, int64_t K, const flo
       sum = _mm512_add_ps(sum, e[v]);
     }
     const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
-    for (int v = 0; v < NV; ++v) {
-      e[v] = _mm512_mul_ps(e[v], inv);
-      if (q) _mm512_mask_storeu_ps(q + i * L + 16 * v, live[v], e[v]);
+    for (int v = 0; v < NV; ++v) e[v] = _mm512_mul_ps(e[v], inv);
+    if (out) {
+      for (int v = 0; v < NV; ++v) _mm512_store_ps(tile + (i - tile_start) * Lp + 16 * v, e[v]);
+      if (i + 1 - tile_start == 16 || i + 1 == end) {
+        const int64_t n = i + 1 - tile_start;
+        for (int64_t l = 0; l < L; ++l)
+          for (int64_t p = 0; p < n; ++p) out[l * N + tile_start + p] = tile[p * Lp + l];
+        tile_start = i + 1;
+      }
     }
     for (int64_t k = 0; k < K; ++k) {
       const MeanFieldKernel& kk = ks[k];
@@ -867,7 +876,8 @@ DSF_AVX512 void mean_field_block(const MeanFieldKernel* ks, int64_t K, const flo
   }
 }
 
-using MeanFieldBlockFn = void (*)(const MeanFieldKernel*, int64_t, const float*, int64_t, int64_t, int64_t, float*);
+using MeanFieldBlockFn = void (*)(const MeanFieldKernel*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t,
+                                  float*);
 
 // The register-resident update for Lp = 16, 32, 48 or 64 labels, or null.
 inline MeanFieldBlockFn mean_field_block_for(int64_t Lp) {
@@ -933,9 +943,12 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
   // padded to Lp with logits of -1e30, which never win the max and exp to 0.
   const int64_t ls = fast_block ? L : Lp;
   Tensor lp = empty_output({N, ls}, at::kFloat, at::MemoryFormat::Contiguous);
-  Tensor q = empty_output({N, ls}, at::kFloat, at::MemoryFormat::Contiguous);
+  // Q [N, Lp] of the portable path (the register-resident one writes out directly).
+  Tensor q = fast_block ? Tensor() : empty_output({N, ls}, at::kFloat, at::MemoryFormat::Contiguous);
+  Tensor out = empty_output({L, N}, at::kFloat, at::MemoryFormat::Contiguous);
+  float* o = out.mutable_data_ptr<float>();
   float* lpp = lp.mutable_data_ptr<float>();
-  float* qp = q.mutable_data_ptr<float>();
+  float* qp = q.defined() ? q.mutable_data_ptr<float>() : nullptr;
   const float* lg = logits.const_data_ptr<float>();
   // Transposed in blocks of 64 points, so each label's read is a contiguous run and the written rows
   // stay in L1.
@@ -988,7 +1001,7 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
             ks[k].blurred = blurred[k];
             ks[k].parts = splat_next ? vbufs[k].parts.mutable_data_ptr<float>() + p * vbufs[k].rows * Lp : nullptr;
           }
-          fast_block(ks.data(), K, lpp, L, part_begin(p, N), part_begin(p + 1, N), splat_next ? nullptr : qp);
+          fast_block(ks.data(), K, lpp, L, N, part_begin(p, N), part_begin(p + 1, N), splat_next ? nullptr : o);
           continue;
         }
 #endif
@@ -1004,8 +1017,7 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
       }
     });
   }
-  Tensor out = empty_output({L, N}, at::kFloat, at::MemoryFormat::Contiguous);
-  float* o = out.mutable_data_ptr<float>();
+  if (fast_block) return out;  // written by the last pass
   at::parallel_for(0, (N + 63) / 64, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t i0 = b * 64, i1 = std::min(N, i0 + 64);
