@@ -29,6 +29,12 @@ TORCH_LIBRARY(deconvseg, m) {
       "max_unpool2d_backward(Tensor grad_output, Tensor indices, int[2] input_size, "
       "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, str index_format) "
       "-> Tensor");
+  // input [N, C_in, H, W], weight [C_out, C_in, kH, kW] (groups = 1), bias/scale/shift [C_out] ->
+  // [N, C_out, Ho, Wo] = act((conv(input, weight) + bias) * scale + shift), act "none" | "relu";
+  // scale/shift are a folded batch-norm. See csrc/cpu/conv.cpp.
+  m.def(
+      "atrous_conv2d(Tensor input, Tensor weight, Tensor? bias, Tensor? scale, Tensor? shift, "
+      "int[2] stride, int[2] padding, int[2] dilation, str activation) -> Tensor");
   // features [N, d] float32 (already divided by the standard deviations) -> the permutohedral
   // lattice of the points: (offsets [N, d+1] int32, weights [N, d+1] float32, neighbors [d+1, M, 2]
   // int32). See csrc/cpu/crf.cpp.
@@ -48,4 +54,14 @@ TORCH_LIBRARY(deconvseg, m) {
   m.def(
       "dense_crf_mean_field(Tensor logits, Tensor[] lattices, Tensor pre, Tensor post, Tensor compat, "
       "int iterations) -> Tensor");
+  // Proposal paste-and-aggregate (DeconvNet's instance-wise inference, docs/proposals.md): scores
+  // [P, C, h, w], boxes [P, 4] (x1, y1, x2, y2), image_index [P] int64, output_size (B, H, W) ->
+  // (out [B, C, H, W], winner [B, C, H, W] int32 for mode "max" / [0] int32 for mode "sum").
+  m.def(
+      "paste_aggregate(Tensor scores, Tensor boxes, Tensor image_index, int[3] output_size, str mode, "
+      "float fill) -> (Tensor, Tensor)");
+  // grad_out [B, C, H, W], winner as above -> grad_scores [P, C, score_size[0], score_size[1]]
+  m.def(
+      "paste_aggregate_backward(Tensor grad_out, Tensor winner, Tensor boxes, Tensor image_index, "
+      "int[2] score_size, str mode) -> Tensor");
 }

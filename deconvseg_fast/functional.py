@@ -15,7 +15,9 @@ import os
 import torch
 
 from .ops import crf as _crf
+from .ops import conv as _conv
 from .ops import pooling as _pooling
+from .ops import proposals as _proposals
 
 __all__ = ["max_pool2d", "max_unpool2d", "permutohedral_filter", "dense_crf"]
 
@@ -345,3 +347,116 @@ def _crf_apply(lattice, norm, normalization: str, q: torch.Tensor) -> torch.Tens
         q = q * norm
     filtered = lattice.filter_points(q)
     return filtered * norm if normalization in ("symmetric", "after") else filtered
+
+
+# ------------------------------------------------------------------------------------------------
+# Proposal paste-and-aggregate (DeconvNet's instance-wise inference)
+# ------------------------------------------------------------------------------------------------
+
+__all__.append("paste_aggregate")
+
+
+def paste_aggregate(
+    scores: torch.Tensor,
+    boxes: torch.Tensor,
+    image_index: torch.Tensor,
+    output_size,
+    mode: str = "max",
+    fill: float | None = None,
+) -> torch.Tensor:
+    """Pastes per-proposal score maps into their images and aggregates them pixel-wise.
+
+    DeconvNet's instance-wise inference (Noh et al. 2015, section 5.1): the network runs on object
+    proposals, and the proposals' score maps are combined into the image by pixel-wise max or sum.
+    See docs/proposals.md for the full contract.
+
+    Args:
+        scores: ``[P, C, h, w]`` score maps, one per proposal (float32/float64/float16/bfloat16).
+        boxes: ``[P, 4]`` floating-point ``(x1, y1, x2, y2)`` in image pixel coordinates, where pixel
+            ``(y, x)`` covers ``[x, x+1) x [y, y+1)``. A box is rounded outwards to the pixels it
+            touches, columns ``floor(x1) .. ceil(x2) - 1`` and rows ``floor(y1) .. ceil(y2) - 1``;
+            a box with ``x2 <= x1`` or ``y2 <= y1`` is empty and contributes nothing. Coordinates
+            must be finite and within +-2**24.
+        image_index: ``[P]`` int64, the image of the batch each proposal belongs to, in ``[0, B)``.
+        output_size: ``(B, H, W)``.
+        mode: ``"max"`` or ``"sum"`` over the proposals covering a pixel.
+        fill: value of pixels no proposal covers; default ``0`` for ``"sum"`` and ``-inf`` for
+            ``"max"`` (the identity of each reduction).
+
+    Each map is resized to its rounded box exactly as ``F.interpolate(map, size=(box_h, box_w),
+    mode="bilinear", align_corners=False)`` would (computed in float32, float64 for float64), the
+    part inside the image is kept (boxes are clipped), and pixels take the max over the covering
+    proposals (equal maxima: the lowest proposal index wins; NaN propagates, the first NaN wins) or
+    their sum (added in increasing proposal index). Returns ``[B, C, H, W]`` contiguous, dtype of
+    ``scores``. Differentiable w.r.t. ``scores``: "sum" back-propagates the adjoint of the
+    bilinear paste, "max" sends each pixel's gradient to its winning proposal only.
+
+    Raises ``ValueError`` for NaN/Inf or out-of-range box coordinates and for ``image_index``
+    outside ``[0, B)``; nothing is written outside the output.
+    """
+    size = _proposals.check_args(scores, boxes, image_index, output_size, mode)
+    if fill is None:
+        fill = 0.0 if mode == "sum" else float("-inf")
+    out, _winner = _ops.paste_aggregate.default(scores, boxes, image_index, size, mode, float(fill))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Atrous (dilated) convolution with a fused epilogue
+# ------------------------------------------------------------------------------------------------
+
+__all__.append("atrous_conv2d")
+
+
+def _same_padding(weight: torch.Tensor, stride, dilation) -> tuple[list[int], list[int]]:
+    """torch's padding="same": symmetric padding, and the odd remainder on the bottom/right."""
+    if stride != (1, 1):
+        raise ValueError(f"padding='same' needs stride 1 (as in torch), got stride {stride}")
+    sym, extra = [], []
+    for i in range(2):
+        total = dilation[i] * (weight.shape[2 + i] - 1)
+        sym.append(total // 2)
+        extra.append(total - 2 * (total // 2))
+    return sym, extra
+
+
+def atrous_conv2d(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    activation: str | None = None,
+    *,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dilated ("atrous") 2-D convolution with a fused epilogue, groups = 1.
+
+    ``act((conv2d(input, weight, bias, stride, padding, dilation) * scale) + shift)``, where
+    ``scale``/``shift`` (``[C_out]``, optional, keyword-only) are a folded eval-mode batch-norm
+    (``scale = gamma / sqrt(var + eps)``, ``shift = beta - mean * scale``) and ``activation`` is
+    ``None`` or ``"relu"``. Without them it is ``torch.nn.functional.conv2d`` (+ ``relu``), same
+    arguments and defaults, including 3-D unbatched input and ``padding="same"``/``"valid"``. On the
+    CPU the convolution is ATen's (oneDNN) and the epilogue runs in place in one pass, so the result
+    is bit-identical to ``F.conv2d`` (+ ``F.relu``) when there is no scale/shift; on CUDA a Triton
+    implicit GEMM applies the whole epilogue before its single rounding.
+    """
+    x, squeeze = _as_batched(input, "input")
+    padding_extra = None
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(f"padding must be an int, a pair of ints, 'same' or 'valid', got {padding!r}")
+        if padding == "valid":
+            padding = 0
+        else:
+            s, _, d = _conv.conv_geometry(stride, 0, dilation)
+            if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
+                _conv.check_args(x, weight, bias, scale, shift, stride, 0, dilation, activation)
+            padding, padding_extra = _same_padding(weight, s, d)
+    s, p, d, act = _conv.check_args(x, weight, bias, scale, shift, stride, padding, dilation, activation)
+    if padding_extra is not None and any(padding_extra):
+        x = torch.nn.functional.pad(x, (0, padding_extra[1], 0, padding_extra[0]))
+    y = _ops.atrous_conv2d.default(x, weight, bias, scale, shift, list(s), list(p), list(d), act)
+    return y.squeeze(0) if squeeze else y

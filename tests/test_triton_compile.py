@@ -1,7 +1,8 @@
 """Ahead-of-time compilation of every Triton kernel for sm_80 and sm_90, without a GPU.
 
-Each entry of the KERNELS lists of deconvseg_fast.kernels.pooling and deconvseg_fast.kernels.crf
-is compiled with triton.compile for both targets; the resulting cubin's registers and shared
+Each entry of the KERNELS lists of deconvseg_fast.kernels.pooling, deconvseg_fast.kernels.crf,
+deconvseg_fast.kernels.proposals and deconvseg_fast.kernels.conv (whose entries also carry their
+autotune config's num_warps/num_stages and a launch's divisibility attrs) is compiled with triton.compile for both targets; the resulting cubin's registers and shared
 memory come from cuobjdump -res-usage and the spill bytes from ptxas -v on the same PTX (both
 tools ship inside the triton wheel). Any spill or local-memory use fails the test. The crf entries
 are built by the same code that launches the kernels (kernels/crf.py `_launches`), on meta
@@ -29,6 +30,8 @@ import triton
 from triton.compiler import ASTSource
 from triton.backends.compiler import GPUTarget
 from deconvseg_fast.kernels import crf, pooling
+from deconvseg_fast.kernels import proposals
+from deconvseg_fast.kernels import conv
 
 archs = [int(a) for a in sys.argv[1:]]
 bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
@@ -57,7 +60,28 @@ def crf_label(fn, sig, const):
         parts.append("i64")
     return " ".join(parts)
 
+def proposals_label(fn, sig, const):
+    # e.g. "paste fp16 max": score dtype and reduction
+    floats = [t[1:] for t in sig.values() if t.startswith(("*fp", "*bf"))]
+    return "paste %s %s" % (floats[0], "max" if const["MAX"] else "sum")
+
+def conv_label(fn, sig, const):
+    # e.g. "conv fp16 k3x3 M128xN64 w4s4 cl-out s2b": dtype, kernel, tile, warps/stages, output
+    # layout, formulation (space_to_batch launches carry PA > 1)
+    floats = [t[1:] for t in sig.values() if t.startswith(("*fp", "*bf"))]
+    parts = ["conv", floats[0], "k%dx%d" % (const["KH"], const["KW"]),
+             "M%dxN%d" % (const["BLOCK_M"], const["BLOCK_N"])]
+    parts.append("cl-out" if const.get("syc") == 1 else "nchw-out")
+    parts.append("s2b" if "PA" not in const else "direct")
+    if not (const["HAS_BIAS"] or const["HAS_SCALE"] or const["RELU"]):
+        parts.append("plain")
+    return " ".join(parts)
+
 def label(fn, sig, const):
+    if fn.__name__ == "_atrous_conv2d_kernel":
+        return conv_label(fn, sig, const)
+    if fn.__name__ == "_paste_aggregate_kernel":
+        return proposals_label(fn, sig, const)
     if "FORMAT" not in const:
         return crf_label(fn, sig, const)
     parts = [fmt_names[const["FORMAT"]]]
@@ -76,12 +100,14 @@ def label(fn, sig, const):
 
 rows = []
 with tempfile.TemporaryDirectory() as tmp:
-    for fn, sig, const in pooling.KERNELS + crf.KERNELS:
+    # conv entries also carry compile options (warps, stages) and divisibility attrs
+    for fn, sig, const, opts, attrs in [(*e, {}, {})[:5] for e in
+                                        pooling.KERNELS + crf.KERNELS + proposals.KERNELS + conv.KERNELS]:
         for cc in archs:
             row = {"kernel": fn.__name__, "spec": label(fn, sig, const), "sm": cc}
             try:
-                compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const),
-                                          target=GPUTarget("cuda", cc, 32))
+                compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs),
+                                          target=GPUTarget("cuda", cc, 32), options=dict(opts))
             except Exception as exc:  # reported per row; the test fails on it
                 row["error"] = "%s: %s" % (type(exc).__name__, str(exc)[:2000])
                 rows.append(row)
@@ -116,7 +142,9 @@ with tempfile.TemporaryDirectory() as tmp:
                 spill_loads=int(spill.group(2)),
             )
             rows.append(row)
-print("ROWS" + json.dumps({"entries": len(pooling.KERNELS) + len(crf.KERNELS), "rows": rows,
+print("ROWS" + json.dumps({"entries": len(pooling.KERNELS) + len(crf.KERNELS) + len(proposals.KERNELS)
+                                     + len(conv.KERNELS),
+                          "rows": rows,
                           "crf_entries": len(crf.KERNELS)}))
 """
 
@@ -159,6 +187,7 @@ def test_every_kernel_compiles_for_sm80_and_sm90_without_spills():
               if "error" in r]
     assert not errors, "\n\n".join(errors) + "\n\n" + table
     assert {r["sm"] for r in rows} == set(ARCHS)
+    assert any(r["kernel"] == "_paste_aggregate_kernel" for r in rows), table
     spilled = [r for r in rows
                if r["spill_stores"] or r["spill_loads"] or r["local"]]
     assert not spilled, "register spills / local memory:\n" + table

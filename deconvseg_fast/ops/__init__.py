@@ -15,3 +15,5 @@ except ImportError as exc:  # pragma: no cover - depends on the build
     ) from exc
 
 from . import crf, pooling  # noqa: F401,E402
+from . import conv  # noqa: F401,E402
+from . import proposals  # noqa: F401,E402
