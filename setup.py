@@ -67,6 +67,7 @@ setup(
         "deconvseg_fast.ops",
         "deconvseg_fast.nn",
         "deconvseg_fast.reference",
+        "deconvseg_fast.models",
         "deconvseg_fast.kernels",
     ],
     package_dir={"deconvseg_fast.kernels": "kernels"},

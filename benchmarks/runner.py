@@ -14,6 +14,14 @@ The same run then times the fully connected CRF against pydensecrf (benchmarks/c
 printing its own table and scaling fits and writing its own CSV and PNG next to the pooling ones
 (`results_crf.csv`, `bench_crf.png`). `--filter` selects from both suites: `--filter crf` runs
 only the CRF, `--filter max_pool` only pooling.
+
+The atrous convolution (benchmarks/conv.py, `run_conv`: ours vs torch's conv2d + relu on DeepLab
+and SegNet layers) follows, with its own table and `results_conv.csv`; `--filter conv` runs only it.
+
+The seed networks (benchmarks/models.py, `run_models`: each model's forward vs its pure-torch twin,
+SegNet training-step memory) take minutes on a 2-core CPU and are not part of the default run: a
+filter starting with `model` (`--filter model`, `--filter model_segnet`) runs them, and only them,
+writing `results_models.csv` next to the pooling CSV.
 """
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ from typing import Callable, Iterable, TextIO
 import torch
 
 from benchmarks import crf, pooling
+from benchmarks import conv as conv_bench
 
 DEFAULT_CSV = os.path.join("bench_results", "results.csv")
 DEFAULT_PNG = os.path.join("bench_results", "bench.png")
@@ -211,12 +220,19 @@ def run(device: str = "cpu", quick: bool = False, csv_path: str | None = DEFAULT
         raise BenchmarkConfigError(f"device: expected 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise BenchmarkConfigError("device: 'cuda' requested but torch.cuda.is_available() is False")
+    if filter and filter.startswith("model"):
+        from benchmarks import models as model_suite
+        p = Path(csv_path) if csv_path else None
+        return model_suite.run_models(device, quick, str(p.with_name(f"{p.stem}_models.csv")) if p else None,
+                                      filter, markdown=markdown, stream=stream, progress=progress)
     selected = pooling.select(pooling.cases(quick=quick), filter)
     sweeps = sweeps or bool(filter)
     crf_selected = crf.select(crf.cases(quick=quick, sweeps=sweeps), filter)
-    if not selected and not crf_selected:
+    conv_selected = conv_bench.select(conv_bench.cases(quick=quick), filter)
+    if not selected and not crf_selected and not conv_selected:
         names = ", ".join([c.name for c in pooling.cases(quick=quick)]
-                          + [c.name for c in crf.cases(quick=quick, sweeps=True)])
+                          + [c.name for c in crf.cases(quick=quick, sweeps=True)]
+                          + [c.name for c in conv_bench.cases(quick=quick)])
         raise BenchmarkConfigError(f"filter: no case name contains {filter!r}; cases are: {names}")
     rounds = rounds or (QUICK_ROUNDS if quick else FULL_ROUNDS)
     min_run_time = min_run_time or (QUICK_MIN_RUN_TIME if quick else FULL_MIN_RUN_TIME)
@@ -296,6 +312,12 @@ def run(device: str = "cpu", quick: bool = False, csv_path: str | None = DEFAULT
         run_crf(device=device, quick=quick, csv_path=crf_sibling(csv_path, "csv"),
                 png_path=crf_sibling(png_path, "png"), filter=filter, markdown=markdown,
                 stream=stream, progress=progress, sweeps=sweeps)
+    if conv_selected:
+        # the atrous conv suite (benchmarks/conv.py): its own table and results_conv.csv
+        print(file=stream)
+        conv_csv = str(Path(csv_path).with_name(f"{Path(csv_path).stem}_conv.csv")) if csv_path else None
+        conv_bench.run_conv(sys.modules[__name__], device=device, quick=quick, csv_path=conv_csv, filter=filter,
+                            markdown=markdown, stream=stream, progress=progress)
     return rows
 
 

@@ -1,0 +1,109 @@
+"""Building blocks shared by the seed networks.
+
+``ConvBlock`` is conv [-> BatchNorm] [-> ReLU] with torch's parameter layout (``conv.weight``,
+``conv.bias``, ``bn.*``), so its state_dict keys are those of the pure-torch twin in
+``deconvseg_fast.reference.models``. Its forward runs on ``deconvseg_fast.functional.atrous_conv2d``:
+
+* without BN, the ReLU is the op's fused epilogue in training and eval alike;
+* with BN in eval mode, the batch-norm is folded into the epilogue (``scale``/``shift`` per output
+  channel, computed from the running statistics on every call -- two [C] vectors, no weight copy)
+  and the ReLU fused after it: one pass over the output instead of conv, bn, relu's three;
+* with BN in training mode, conv -> ``torch.nn.functional.batch_norm`` (batch statistics, running
+  averages updated) -> relu, exactly torch's.
+
+``transposed=True`` keeps an ``nn.ConvTranspose2d``'s parameters (weight ``[C_in, C_out, k, k]``,
+stride 1) -- DeconvNet's "deconvolution" layers -- and runs them as the equivalent convolution:
+weight transposed to ``[C_out, C_in]`` and flipped spatially, padding ``dilation * (k - 1) - padding``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as TF
+
+from .. import functional as F
+from ..nn import AtrousConv2d
+
+
+def channels(c: int, width: float) -> int:
+    """Channel count ``c`` scaled by the ``width`` multiplier (tests shrink the networks with it)."""
+    return max(1, int(round(c * width)))
+
+
+def atrous(x, weight, bias, stride, padding, dilation, relu: bool, scale=None, shift=None):
+    """``relu?((conv(x, weight) + bias) * scale + shift)`` on our atrous-convolution op."""
+    return F.atrous_conv2d(x, weight, bias, stride, padding, dilation, activation="relu" if relu else None,
+                           scale=scale, shift=shift)
+
+
+def fold_bn(bn: torch.nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode batch-norm as ``y * scale + shift`` (per channel)."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return scale, shift
+
+
+class ConvBlock(torch.nn.Module):
+    """conv (k x k, stride 1) [-> BatchNorm2d] [-> ReLU]; see the module docstring."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, padding: int = 1,
+                 dilation: int = 1, bn: bool = True, relu: bool = True, transposed: bool = False):
+        super().__init__()
+        if transposed:
+            self.conv = torch.nn.ConvTranspose2d(in_channels, out_channels, kernel_size, 1, padding,
+                                                 dilation=dilation)
+        else:
+            # Without BN the ReLU is the conv's fused epilogue (the module runs it itself).
+            self.conv = AtrousConv2d(in_channels, out_channels, kernel_size, 1, padding, dilation=dilation,
+                                     activation="relu" if relu and not bn else None)
+        self.bn = torch.nn.BatchNorm2d(out_channels) if bn else None
+        self.relu = relu
+        self.transposed = transposed
+
+    def _conv_args(self):
+        c = self.conv
+        w = c.weight
+        pad = c.padding
+        if self.transposed:
+            w = w.transpose(0, 1).flip(-2, -1)
+            pad = tuple(d * (k - 1) - p for d, k, p in zip(c.dilation, c.kernel_size, c.padding))
+        return w, c.bias, c.stride, pad, c.dilation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bn is None and not self.transposed:
+            return self.conv(x)
+        w, b, stride, pad, dil = self._conv_args()
+        if self.bn is None:
+            return atrous(x, w, b, stride, pad, dil, self.relu)
+        if not self.training:
+            scale, shift = fold_bn(self.bn)
+            return atrous(x, w, b, stride, pad, dil, self.relu, scale, shift)
+        y = atrous(x, w, b, stride, pad, dil, False)
+        bn = self.bn
+        if bn.num_batches_tracked is not None:
+            bn.num_batches_tracked.add_(1)
+        momentum = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+        y = TF.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, True, momentum, bn.eps)
+        return torch.relu(y) if self.relu else y
+
+    def extra_repr(self) -> str:
+        return f"relu={self.relu}, transposed={self.transposed}"
+
+
+def vgg_stages(width: float, bn: bool, dilation5: int = 1, pad1: int = 1) -> list[list[ConvBlock]]:
+    """VGG16's 13 convolutions as five stages of ConvBlocks (64,64 | 128,128 | 256 x3 | 512 x3 | 512 x3)."""
+    cfg = [[64, 64], [128, 128], [256, 256, 256], [512, 512, 512], [512, 512, 512]]
+    stages, cin = [], 3
+    for s, outs in enumerate(cfg):
+        blocks = []
+        for j, c in enumerate(outs):
+            cout = channels(c, width)
+            d = dilation5 if s == 4 else 1
+            p = pad1 if (s == 0 and j == 0) else d
+            blocks.append(ConvBlock(cin, cout, 3, p, d, bn=bn))
+            cin = cout
+        stages.append(blocks)
+    return stages

@@ -1,0 +1,61 @@
+"""SegNet (Badrinarayanan et al.), CamVid configuration: 360x480 input, 11 classes.
+
+Encoder: VGG16's 13 convolutions, each conv-BN-ReLU, five 2x2 stride-2 max-pools that keep their
+switches (Caffe rounds pooled sizes up: ``ceil_mode=True``). Decoder: each stage unpools to the
+exact pre-pool size of its mirror stage (so odd sizes round-trip) then convolves
+(512,512,512 | 512,512,256 | 256,256,128 | 128,64 | 64), then a 3x3 convolution to the classes
+(no BN, no ReLU). Output: logits [N, num_classes, H, W].
+
+The switches are kept in the "packed" format (2 bits each, 1/32 of torch's int64 indices): the
+switches of all five pools live from the encoder to the decoder, so they dominate what a forward
+pass holds on to besides the activations.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..nn import MaxPool2d, MaxUnpool2d
+from ._layers import ConvBlock, channels, vgg_stages
+
+DECODER = [[512, 512, 512], [512, 512, 256], [256, 256, 128], [128, 64], [64]]
+
+
+class SegNet(torch.nn.Module):
+    def __init__(self, num_classes: int = 11, width: float = 1.0, index_format: str = "packed"):
+        super().__init__()
+        self.config = {"num_classes": num_classes, "width": width, "index_format": index_format}
+        stages = vgg_stages(width, bn=True)
+        for i, blocks in enumerate(stages, 1):
+            setattr(self, f"enc{i}", torch.nn.Sequential(*blocks))
+        cin = stages[-1][-1].conv.out_channels
+        for i, outs in zip((5, 4, 3, 2, 1), DECODER):
+            blocks = []
+            for c in outs:
+                blocks.append(ConvBlock(cin, channels(c, width), 3, 1, bn=True))
+                cin = channels(c, width)
+            setattr(self, f"dec{i}", torch.nn.Sequential(*blocks))
+        self.classifier = torch.nn.Conv2d(cin, num_classes, 3, padding=1)
+        self.pool = MaxPool2d(2, 2, ceil_mode=True, return_indices=True, index_format=index_format)
+        self.unpool = MaxUnpool2d(2, 2, index_format=index_format)
+
+    def vgg_blocks(self) -> list[ConvBlock]:
+        return [b for i in range(1, 6) for b in getattr(self, f"enc{i}")]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        saved = []
+        for i in range(1, 6):
+            x = getattr(self, f"enc{i}")(x)
+            size = x.shape[-2:]
+            x, switches = self.pool(x)
+            saved.append((switches, size))
+        for i in range(5, 0, -1):
+            switches, size = saved[i - 1]
+            x = self.unpool(x, switches, output_size=size)
+            x = getattr(self, f"dec{i}")(x)
+        return self.classifier(x)
+
+
+def segnet(num_classes: int = 11, width: float = 1.0, index_format: str = "packed") -> SegNet:
+    """SegNet with the CamVid head. ``width`` multiplies every channel count (1.0 = the paper's;
+    tests use small values); ``index_format`` is the switch format ("packed", "window" or "flat")."""
+    return SegNet(num_classes, width, index_format)
