@@ -62,19 +62,45 @@ class ConvBlock(torch.nn.Module):
         self.bn = torch.nn.BatchNorm2d(out_channels) if bn else None
         self.relu = relu
         self.transposed = transposed
+        self._flipped = None  # (weight identity and version, transposed-and-flipped copy)
+
+    def _as_conv(self) -> bool:
+        # A stride-1 transposed convolution is a convolution with padding d (k - 1) - p. That is the
+        # same work when the padding does not grow (DeconvNet's 3x3 deconvolutions); fc6-deconv's
+        # 7x7 on a 1x1 input would convolve 49 times as many zeros, so it stays a transposed conv.
+        c = self.conv
+        return not self.transposed or all(d * (k - 1) - p <= p for d, k, p in zip(c.dilation, c.kernel_size, c.padding))
+
+    def _flipped_weight(self) -> torch.Tensor:
+        w = self.conv.weight
+        if torch.is_grad_enabled() and w.requires_grad:
+            return w.transpose(0, 1).flip(-2, -1)
+        key = (w.data_ptr(), w._version)  # inference: rearrange once, not on every call
+        if self._flipped is None or self._flipped[0] != key:
+            self._flipped = (key, w.detach().transpose(0, 1).flip(-2, -1).contiguous())
+        return self._flipped[1]
 
     def _conv_args(self):
         c = self.conv
         w = c.weight
         pad = c.padding
         if self.transposed:
-            w = w.transpose(0, 1).flip(-2, -1)
+            w = self._flipped_weight()
             pad = tuple(d * (k - 1) - p for d, k, p in zip(c.dilation, c.kernel_size, c.padding))
         return w, c.bias, c.stride, pad, c.dilation
+
+    def _transposed_forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        y = TF.conv_transpose2d(x, c.weight, c.bias, c.stride, c.padding, c.output_padding, 1, c.dilation)
+        if self.bn is not None:
+            y = self.bn(y)
+        return torch.relu(y) if self.relu else y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bn is None and not self.transposed:
             return self.conv(x)
+        if not self._as_conv():
+            return self._transposed_forward(x)
         w, b, stride, pad, dil = self._conv_args()
         if self.bn is None:
             return atrous(x, w, b, stride, pad, dil, self.relu)
@@ -107,3 +133,27 @@ def vgg_stages(width: float, bn: bool, dilation5: int = 1, pad1: int = 1) -> lis
             cin = cout
         stages.append(blocks)
     return stages
+
+
+def encode_with_switches(net: torch.nn.Module, x: torch.Tensor, prefix: str):
+    """The five VGG stages ``{prefix}1..5``, each followed by ``net.pool``; returns pool5 and, per
+    stage, (switches, pre-pool size) -- the size lets the decoder unpool odd sizes exactly."""
+    saved = []
+    for i in range(1, 6):
+        x = getattr(net, f"{prefix}{i}")(x)
+        size = x.shape[-2:]
+        x, switches = net.pool(x)
+        saved.append((switches, size))
+    return x, saved
+
+
+def decode_with_switches(net: torch.nn.Module, x: torch.Tensor, saved, select: torch.Tensor | None = None):
+    """The mirror of encode_with_switches: ``net.unpool`` then stage ``dec{i}`` for i = 5..1.
+    ``select`` picks, per decoded row, the batch row whose switches it uses (DecoupledNet decodes
+    one row per (image, class) pair)."""
+    for i in range(5, 0, -1):
+        switches, size = saved[i - 1]
+        if select is not None:
+            switches = switches.index_select(0, select)
+        x = getattr(net, f"dec{i}")(net.unpool(x, switches, output_size=size))
+    return x

@@ -18,7 +18,7 @@ import torch
 
 from .. import functional as F
 from ..nn import DenseCRF, MaxPool2d, MaxUnpool2d
-from ._layers import ConvBlock, channels, vgg_stages
+from ._layers import ConvBlock, channels, decode_with_switches, encode_with_switches, vgg_stages
 
 DECODER = [[512, 512, 512], [512, 512, 256], [256, 256, 128], [128, 64], [64, 64]]
 PROPOSAL_SIZE = 224
@@ -98,21 +98,12 @@ class DeconvNet(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Proposal-level forward: crops [P, 3, 224, 224] (normalised) -> logits [P, classes, 224, 224]."""
-        saved = []
-        for i in range(1, 6):
-            x = getattr(self, f"enc{i}")(x)
-            size = x.shape[-2:]
-            x, switches = self.pool(x)
-            saved.append((switches, size))
+        x, saved = encode_with_switches(self, x, "enc")
         if x.shape[-2] < 7 or x.shape[-1] < 7:
             raise ValueError(f"input: DeconvNet needs pool5 of at least 7x7 (inputs >= 193x193), got "
                              f"pool5 {list(x.shape[-2:])}")
         x = self.fc6_deconv(self.fc7(self.fc6(x)))
-        for i in range(5, 0, -1):
-            switches, size = saved[i - 1]
-            x = self.unpool(x, switches, output_size=size)
-            x = getattr(self, f"dec{i}")(x)
-        return self.score(x)
+        return self.score(decode_with_switches(self, x, saved))
 
     @torch.no_grad()
     def segment_instances(self, image: torch.Tensor, boxes: torch.Tensor, image_index: torch.Tensor | None = None,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..nn import MaxPool2d, MaxUnpool2d
-from ._layers import ConvBlock, channels, vgg_stages
+from ._layers import ConvBlock, channels, decode_with_switches, encode_with_switches, vgg_stages
 from .deconvnet import DECODER
 
 
@@ -66,12 +66,7 @@ class DecoupledNet(torch.nn.Module):
         return h.mean(dim=(2, 3))
 
     def forward(self, x: torch.Tensor, classes: torch.Tensor | None = None):
-        saved = []
-        for i in range(1, 6):
-            x = getattr(self, f"conv{i}")(x)
-            size = x.shape[-2:]
-            x, switches = self.pool(x)
-            saved.append((switches, size))
+        x, saved = encode_with_switches(self, x, "conv")
         if x.shape[-2] < 7 or x.shape[-1] < 7:
             raise ValueError(f"input: DecoupledNet needs pool5 of at least 7x7 (inputs >= 193x193), got "
                              f"pool5 {list(x.shape[-2:])}")
@@ -99,10 +94,7 @@ class DecoupledNet(torch.nn.Module):
         b_idx, c_idx = pairs[:, 0], pairs[:, 1]
         g = torch.stack([sal[c][b] for b, c in pairs.tolist()])  # [K, C5, h, w]
         h = self.bridge2(self.bridge1(torch.cat([x.index_select(0, b_idx), g], 1)))
-        for i in range(5, 0, -1):
-            switches, size = saved[i - 1]
-            h = self.unpool(h, switches.index_select(0, b_idx), output_size=size)
-            h = getattr(self, f"dec{i}")(h)
+        h = decode_with_switches(self, h, saved, select=b_idx)
         fg = torch.softmax(self.score(h), 1)[:, 1]  # [K, H, W]
         seg = seg.index_put((b_idx, c_idx + 1), fg)
         flat = fg.reshape(fg.shape[0], -1)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..nn import MaxPool2d, MaxUnpool2d
-from ._layers import ConvBlock, channels, vgg_stages
+from ._layers import ConvBlock, channels, decode_with_switches, encode_with_switches, vgg_stages
 
 DECODER = [[512, 512, 512], [512, 512, 256], [256, 256, 128], [128, 64], [64]]
 
@@ -42,17 +42,8 @@ class SegNet(torch.nn.Module):
         return [b for i in range(1, 6) for b in getattr(self, f"enc{i}")]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        saved = []
-        for i in range(1, 6):
-            x = getattr(self, f"enc{i}")(x)
-            size = x.shape[-2:]
-            x, switches = self.pool(x)
-            saved.append((switches, size))
-        for i in range(5, 0, -1):
-            switches, size = saved[i - 1]
-            x = self.unpool(x, switches, output_size=size)
-            x = getattr(self, f"dec{i}")(x)
-        return self.classifier(x)
+        x, saved = encode_with_switches(self, x, "enc")
+        return self.classifier(decode_with_switches(self, x, saved))
 
 
 def segnet(num_classes: int = 11, width: float = 1.0, index_format: str = "packed") -> SegNet:
