@@ -265,10 +265,17 @@ class _Compatibility:
 _SSE_BLOCK = 4
 
 
+_GRID_PAIRWISE: dict = {}  # (H, W, sx, sy, normalization) -> a _Pairwise whose lattice is shared
+
+
 class _Pairwise:
     def __init__(self, features: np.ndarray, compat: _Compatibility, kernel: KernelType,
-                 normalization: NormalizationType):
+                 normalization: NormalizationType, like: "_Pairwise | None" = None):
         self.compat, self.kernel, self.normalization = compat, kernel, normalization
+        if like is not None:  # the same features and normalisation: share the lattice and the norms
+            self.num_points, self.lattice, self.phantoms = like.num_points, like.lattice, like.phantoms
+            self.pre, self.post, self._buffer = like.pre, like.post, None
+            return
         d, n = features.shape
         self.num_points = n
         self.lattice = None
@@ -277,9 +284,10 @@ class _Pairwise:
             return
         self.phantoms = (-n) % _SSE_BLOCK
         # A copy (densecrf copies the features too; the caller may reuse its array).
-        padded = torch.zeros(d, n + self.phantoms, dtype=torch.float32)
-        padded[:, :n] = torch.from_numpy(features)
-        self.lattice = Lattice(padded)
+        # Point-major [N + phantoms, d], the lattice op's own layout: one transposing copy.
+        padded = torch.zeros(n + self.phantoms, d, dtype=torch.float32)
+        padded[:n] = torch.from_numpy(features).t()
+        self.lattice = Lattice.from_points(padded)
         self._buffer: torch.Tensor | None = None  # [N + phantoms, L], phantom rows kept zero
         raw = self._filter(torch.ones(n, 1, dtype=torch.float32)).double()  # [N, 1]
         # float64 arithmetic then float32 storage, as `norm_[i] = 1.0 / sqrt(norm_[i] + 1e-20)`.
@@ -294,7 +302,10 @@ class _Pairwise:
 
     def fused_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
         """pre, post [N + phantoms] for the fused mean-field op: ones where densecrf does not
-        scale, and pre = 0 on the phantom rows so that they splat nothing."""
+        scale, and pre = 0 on the phantom rows so that they splat nothing. Computed once: the
+        norms never change after construction."""
+        if getattr(self, "_fused", None) is not None:
+            return self._fused
         n = self.num_points
         pre = torch.ones(n + self.phantoms, dtype=torch.float32)
         post = torch.ones(n + self.phantoms, dtype=torch.float32)
@@ -303,7 +314,8 @@ class _Pairwise:
         if self.post is not None:
             post[:n] = self.post.reshape(-1)
         pre[n:] = 0.0
-        return pre, post
+        self._fused = (pre, post)
+        return self._fused
 
     def _filter(self, values: torch.Tensor, pre: torch.Tensor | None = None) -> torch.Tensor:
         """Lattice filter of (values * pre) [N, C] -> [N, C], with the phantom points' zero rows."""
@@ -405,11 +417,19 @@ class DenseCRF:
             raise ValueError("features: must be finite (found NaN or Inf)")
         self._add(features, compat, kernel, normalization)
 
-    def _add(self, features: np.ndarray, compat, kernel, normalization) -> None:
+    def _add(self, features: np.ndarray, compat, kernel, normalization, grid_key=None) -> None:
         kernel = _as_enum(kernel, "kernel", KernelType)
         normalization = _as_enum(normalization, "normalization", NormalizationType)
         comp = _Compatibility(compat, self._nlabel)
-        self._pairwise.append(_Pairwise(features, comp, kernel, normalization))
+        # The appearance-free (x, y) kernel depends only on the image size and sxy: its lattice and
+        # norms are reused from the last CRFs of the same size (the lattice is never modified).
+        key = None if grid_key is None else grid_key + (normalization,)
+        like = _GRID_PAIRWISE.get(key) if key is not None else None
+        self._pairwise.append(_Pairwise(features, comp, kernel, normalization, like=like))
+        if key is not None and like is None and self._pairwise[-1].lattice is not None:
+            _GRID_PAIRWISE[key] = self._pairwise[-1]
+            while len(_GRID_PAIRWISE) > 2:
+                _GRID_PAIRWISE.pop(next(iter(_GRID_PAIRWISE)))
 
     def setUnaryEnergy(self, u, f=None):  # noqa: N802
         """Set the unary energy: float32, C-contiguous, shape (nlabels, nvar), the negative log
@@ -545,7 +565,7 @@ class DenseCRF2D(DenseCRF):
         """Smoothness term on the features (x / sx, y / sy); `sxy` a number or (sx, sy)."""
         sx, sy = _stds(sxy, "sxy", 2)
         features = np.stack(self._pixel_grid(sx, sy))
-        self._add(features, compat, kernel, normalization)
+        self._add(features, compat, kernel, normalization, grid_key=(self._h, self._w, float(sx), float(sy)))
 
     def addPairwiseBilateral(self, sxy, srgb, rgbim, compat, kernel=DIAG_KERNEL,  # noqa: N802
                              normalization=NORMALIZE_SYMMETRIC):
