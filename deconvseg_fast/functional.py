@@ -451,7 +451,7 @@ def atrous_conv2d(
         if padding == "valid":
             padding = 0
         else:
-            s, _, d = _conv.conv_geometry(stride, 0, dilation)
+            s, _, d = _conv.stride_padding_dilation(stride, 0, dilation)
             if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
                 _conv.check_args(x, weight, bias, scale, shift, stride, 0, dilation, activation)
             padding, padding_extra = _same_padding(weight, s, d)

@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from .pooling import pair
+from ._common import pair, stride_padding_dilation, triton_kernels
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 ACTIVATIONS = ("none", "relu")
@@ -28,17 +28,6 @@ def check_activation(activation) -> str:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be None, 'none' or 'relu', got {activation!r}")
     return activation
-
-
-def conv_geometry(stride, padding, dilation) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
-    s, p, d = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
-    if min(s) <= 0:
-        raise ValueError(f"stride must be positive, got {s}")
-    if min(d) <= 0:
-        raise ValueError(f"dilation must be positive, got {d}")
-    if min(p) < 0:
-        raise ValueError(f"padding must be non-negative, got {p}")
-    return s, p, d
 
 
 def _check_vector(v, name: str, c_out: int, device, dtype=None) -> None:
@@ -81,7 +70,7 @@ def check_args(input, weight, bias, scale, shift, stride, padding, dilation, act
     _check_vector(bias, "bias", c_out, input.device, input.dtype)
     _check_vector(scale, "scale", c_out, input.device)
     _check_vector(shift, "shift", c_out, input.device)
-    s, p, d = conv_geometry(stride, padding, dilation)
+    s, p, d = stride_padding_dilation(stride, padding, dilation)
     act = check_activation(activation)
     for dim in range(2):
         span = d[dim] * (weight.shape[2 + dim] - 1) + 1
@@ -181,11 +170,7 @@ def set_cuda_algorithm(algorithm: str) -> None:
 
 
 def _triton():
-    try:
-        from deconvseg_fast.kernels import conv as triton_conv
-    except ImportError as exc:  # pragma: no cover - needs a CUDA machine without triton
-        raise RuntimeError(f"the CUDA kernels of deconvseg_fast need triton (pip install triton): {exc}") from exc
-    return triton_conv
+    return triton_kernels("conv")
 
 
 def _cuda_atrous_conv2d(input, weight, bias, scale, shift, stride, padding, dilation, activation):

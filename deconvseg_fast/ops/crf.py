@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from ._common import triton_kernels
+
 _ops = torch.ops.deconvseg
 
 MAX_DIM = 32  # csrc/include/permutohedral.h kMaxDim
@@ -139,11 +141,7 @@ def mean_field(logits: torch.Tensor, lattices, pre: torch.Tensor, post: torch.Te
 # ----------------------------------------------------------------------------------------------
 
 def _triton():
-    try:
-        from deconvseg_fast.kernels import crf as triton_crf
-    except ImportError as exc:  # pragma: no cover - needs a CUDA machine without triton
-        raise RuntimeError(f"the CUDA kernels of deconvseg_fast need triton (pip install triton): {exc}") from exc
-    return triton_crf
+    return triton_kernels("crf")
 
 
 def _check_lattice(offsets, weights, neighbors):

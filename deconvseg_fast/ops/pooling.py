@@ -16,26 +16,9 @@ FORMATS = ("flat", "window", "packed")
 SWITCH_DTYPES = {"flat": torch.int64, "window": torch.uint8, "packed": torch.uint8}
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
+from ._common import pair, stride_padding_dilation, triton_kernels
+
 _ops = torch.ops.deconvseg
-
-
-def pair(value, name: str) -> tuple[int, int]:
-    """An int or a pair of ints as a 2-tuple, or a ValueError naming the argument."""
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        return (value, value)
-    if isinstance(value, torch.SymInt):
-        return (value, value)
-    try:
-        items = tuple(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}") from None
-    if len(items) == 1:
-        items = items * 2
-    if len(items) != 2 or not all(isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool) for v in items):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return (items[0], items[1])
 
 
 @dataclass(frozen=True)
@@ -64,17 +47,10 @@ def check_format(index_format: str, kernel_size: tuple[int, int]) -> None:
 def geometry(kernel_size, stride, padding, dilation, index_format: str) -> Geometry:
     """Normalise and validate pooling hyper-parameters (torch's rules, plus the switch format's)."""
     k = pair(kernel_size, "kernel_size")
-    s = k if stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0) else pair(stride, "stride")
-    p = pair(padding, "padding")
-    d = pair(dilation, "dilation")
     if min(k) <= 0:
         raise ValueError(f"kernel_size must be positive, got {k}")
-    if min(s) <= 0:
-        raise ValueError(f"stride must be positive, got {s}")
-    if min(d) <= 0:
-        raise ValueError(f"dilation must be positive, got {d}")
-    if min(p) < 0:
-        raise ValueError(f"padding must be non-negative, got {p}")
+    default_stride = stride is None or (isinstance(stride, (list, tuple)) and len(stride) == 0)
+    s, p, d = stride_padding_dilation(k if default_stride else stride, padding, dilation)
     if p[0] > k[0] // 2 or p[1] > k[1] // 2:
         raise ValueError(f"padding should be at most half of kernel_size, got padding {p} for kernel_size {k}")
     check_format(index_format, k)
@@ -243,11 +219,7 @@ torch.library.register_autograd(
 # ----------------------------------------------------------------------------------------------
 
 def _triton():
-    try:
-        from deconvseg_fast.kernels import pooling as triton_pooling
-    except ImportError as exc:  # pragma: no cover - needs a CUDA machine without triton
-        raise RuntimeError(f"the CUDA kernels of deconvseg_fast need triton (pip install triton): {exc}") from exc
-    return triton_pooling
+    return triton_kernels("pooling")
 
 
 def _cuda_pool(input, kernel_size, stride, padding, dilation, ceil_mode, index_format):

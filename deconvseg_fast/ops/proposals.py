@@ -22,6 +22,8 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Same limit as csrc/cpu/proposals.cpp.
 MAX_COORD = float(2**24)
 
+from ._common import triton_kernels
+
 _ops = torch.ops.deconvseg
 
 
@@ -232,11 +234,7 @@ torch.library.register_autograd("deconvseg::paste_aggregate", _backward, setup_c
 # ----------------------------------------------------------------------------------------------
 
 def _triton():
-    try:
-        from deconvseg_fast.kernels import proposals as triton_proposals
-    except ImportError as exc:  # pragma: no cover - needs a CUDA machine without triton
-        raise RuntimeError(f"the CUDA kernels of deconvseg_fast need triton (pip install triton): {exc}") from exc
-    return triton_proposals
+    return triton_kernels("proposals")
 
 
 def triton_forward(scores, boxes, image_index, output_size, mode, fill):
