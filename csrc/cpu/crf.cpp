@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "huge_pages.h"
+#include "lattice_checks.h"
 #include "permutohedral.h"
 #include "simd.h"
 
@@ -200,16 +201,9 @@ inline Simplex16Fn enclosing_simplex16_for(int d) {
 #endif
 
 std::tuple<Tensor, Tensor, Tensor> permutohedral_lattice_cpu(const Tensor& features_in) {
-  TORCH_CHECK_VALUE(features_in.dim() == 2, "features must be a 2-D [N, d] tensor, got ", features_in.dim(), " dims");
-  TORCH_CHECK_VALUE(features_in.scalar_type() == at::kFloat, "features must be float32, got ",
-                    features_in.scalar_type());
+  lattice::check_features(features_in);
   const int64_t N = features_in.size(0);
   const int d = static_cast<int>(features_in.size(1));
-  TORCH_CHECK_VALUE(d >= 1 && d <= lattice::kMaxDim, "features must have 1 to ", lattice::kMaxDim,
-                    " dimensions, got ", d);
-  TORCH_CHECK_VALUE(N >= 1, "features must have at least one point");
-  TORCH_CHECK_VALUE(N * (d + 1) < (int64_t(1) << 31), "features: ", N, " points of dimension ", d,
-                    " exceed the lattice's 32-bit indexing");
   const Tensor features = features_in.contiguous();
   const float* f = features.const_data_ptr<float>();
   {
@@ -342,15 +336,7 @@ struct LatticeView {
 // Lattice tensors are ordinary op inputs: every index is checked once here, so the kernels below
 // can trust them and never read or write out of bounds.
 LatticeView view_lattice(const Tensor& offsets, const Tensor& weights, const Tensor& neighbors) {
-  TORCH_CHECK_VALUE(offsets.dim() == 2 && offsets.scalar_type() == at::kInt, "offsets must be an int32 [N, d+1] tensor");
-  TORCH_CHECK_VALUE(weights.sizes() == offsets.sizes() && weights.scalar_type() == at::kFloat,
-                    "weights must be a float32 tensor shaped like offsets");
-  const int64_t D1 = offsets.size(1);
-  TORCH_CHECK_VALUE(D1 >= 2 && D1 <= lattice::kMaxDim + 1, "offsets must have d+1 columns for 1 <= d <= ",
-                    lattice::kMaxDim, ", got ", D1);
-  TORCH_CHECK_VALUE(neighbors.dim() == 3 && neighbors.size(0) == D1 && neighbors.size(2) == 2 &&
-                        neighbors.scalar_type() == at::kInt,
-                    "neighbors must be an int32 [d+1, M, 2] tensor");
+  const int64_t D1 = lattice::check_lattice_tensors(offsets, weights, neighbors);
   LatticeView L;
   L.N = offsets.size(0);
   L.M = neighbors.size(1);
@@ -597,21 +583,29 @@ void copy_rows(const T* from, int64_t from_cols, T* to, int64_t to_cols, int64_t
   });
 }
 
-// values [N, C] -> [N, C]: alpha * slice(blur(splat(values))), computed in T (float or double).
+// Splat values [N, C] (times scale[N], if given) and blur them, with the label axis padded to
+// bufs.Cp (the padding columns are zero); returns the blurred [M+1, Cp] buffer, owned by bufs.
 template <typename T>
-Tensor filter_impl(const Tensor& values_in, const LatticeView& L, bool reverse) {
-  const int64_t N = values_in.size(0), C = values_in.size(1), Cp = padded<T>(C);
-  const auto dtype = values_in.scalar_type();
+const T* splat_blur_padded(const Tensor& values_in, const T* scale, const LatticeView& L, bool reverse,
+                           VertexBuffers<T>& bufs) {
+  const int64_t N = values_in.size(0), C = values_in.size(1), Cp = bufs.Cp;
   const Tensor values = values_in.contiguous();
-  // Padded copy of the values; the padding columns are zero and are dropped at the end.
   Tensor in = values;
   if (Cp != C) {
-    in = empty_output({N, Cp}, dtype, at::MemoryFormat::Contiguous);
+    in = empty_output({N, Cp}, values.scalar_type(), at::MemoryFormat::Contiguous);
     copy_rows<T>(values.const_data_ptr<T>(), C, in.mutable_data_ptr<T>(), Cp, N);
   }
+  splat_parts<T>(L, in.const_data_ptr<T>(), scale, bufs);
+  return reduce_blur<T>(L, reverse, bufs);
+}
+
+// values [N, C] -> [N, C]: alpha * slice(blur(splat(values))), computed in T (float or double).
+template <typename T>
+Tensor filter_impl(const Tensor& values, const LatticeView& L, bool reverse) {
+  const int64_t N = values.size(0), C = values.size(1), Cp = padded<T>(C);
+  const auto dtype = values.scalar_type();
   VertexBuffers<T> bufs(L, Cp, dtype);
-  splat_parts<T>(L, in.const_data_ptr<T>(), nullptr, bufs);
-  const T* blurred = reduce_blur<T>(L, reverse, bufs);
+  const T* blurred = splat_blur_padded<T>(values, nullptr, L, reverse, bufs);
   Tensor out_p = empty_output({N, Cp}, dtype, at::MemoryFormat::Contiguous);
   const T alpha = static_cast<T>(lattice::slice_alpha(static_cast<int>(L.D1 - 1)));
   at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
@@ -626,28 +620,17 @@ Tensor filter_impl(const Tensor& values_in, const LatticeView& L, bool reverse) 
 Tensor permutohedral_filter_cpu(const Tensor& values, const Tensor& offsets, const Tensor& weights,
                                 const Tensor& neighbors, bool reverse) {
   const LatticeView L = view_lattice(offsets, weights, neighbors);
-  TORCH_CHECK_VALUE(values.dim() == 2 && values.size(0) == L.N, "values must be a [N, C] tensor with N = ", L.N,
-                    " points, got ", values.sizes());
-  TORCH_CHECK_VALUE(values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble,
-                    "values must be float32 or float64, got ", values.scalar_type());
+  lattice::check_values(values, L.N);
   if (values.numel() == 0) return empty_output(values.sizes(), values.scalar_type(), at::MemoryFormat::Contiguous);
   if (values.scalar_type() == at::kDouble) return filter_impl<double>(values, L, reverse);
   return filter_impl<float>(values, L, reverse);
 }
 
 template <typename T>
-Tensor splat_blur_impl(const Tensor& values_in, const T* scale, const LatticeView& L, bool reverse) {
-  const int64_t N = values_in.size(0), C = values_in.size(1), Cp = padded<T>(C);
-  const auto dtype = values_in.scalar_type();
-  const Tensor values = values_in.contiguous();
-  Tensor in = values;
-  if (Cp != C) {
-    in = empty_output({N, Cp}, dtype, at::MemoryFormat::Contiguous);
-    copy_rows<T>(values.const_data_ptr<T>(), C, in.mutable_data_ptr<T>(), Cp, N);
-  }
-  VertexBuffers<T> bufs(L, Cp, dtype);
-  splat_parts<T>(L, in.const_data_ptr<T>(), scale, bufs);
-  const T* blurred = reduce_blur<T>(L, reverse, bufs);
+Tensor splat_blur_impl(const Tensor& values, const T* scale, const LatticeView& L, bool reverse) {
+  const int64_t C = values.size(1), Cp = padded<T>(C);
+  VertexBuffers<T> bufs(L, Cp, values.scalar_type());
+  const T* blurred = splat_blur_padded<T>(values, scale, L, reverse, bufs);
   Tensor out = at::empty({L.M + 1, C}, values.options());
   copy_rows<T>(blurred, Cp, out.mutable_data_ptr<T>(), C, L.M + 1);
   return out;
@@ -657,17 +640,9 @@ Tensor permutohedral_splat_blur_cpu(const Tensor& values, const std::optional<Te
                                     const Tensor& offsets, const Tensor& weights, const Tensor& neighbors,
                                     bool reverse) {
   const LatticeView L = view_lattice(offsets, weights, neighbors);
-  TORCH_CHECK_VALUE(values.dim() == 2 && values.size(0) == L.N, "values must be a [N, C] tensor with N = ", L.N,
-                    " points, got ", values.sizes());
-  TORCH_CHECK_VALUE(values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble,
-                    "values must be float32 or float64, got ", values.scalar_type());
-  Tensor scale;
-  if (scale_in.has_value()) {
-    TORCH_CHECK_VALUE(scale_in->dim() == 1 && scale_in->size(0) == L.N && scale_in->scalar_type() == values.scalar_type(),
-                      "scale must be a [", L.N, "] tensor of the values' dtype, got ", scale_in->sizes(), " ",
-                      scale_in->scalar_type());
-    scale = scale_in->contiguous();
-  }
+  lattice::check_values(values, L.N);
+  lattice::check_scale(scale_in, L.N, values);
+  const Tensor scale = scale_in.has_value() ? scale_in->contiguous() : Tensor();
   if (values.size(1) == 0) return at::zeros({L.M + 1, 0}, values.options());
   if (values.scalar_type() == at::kDouble)
     return splat_blur_impl<double>(values, scale.defined() ? scale.const_data_ptr<double>() : nullptr, L, reverse);

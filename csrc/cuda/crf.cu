@@ -31,6 +31,7 @@
 #include <tuple>
 #include <vector>
 
+#include "lattice_checks.h"
 #include "permutohedral.h"
 
 namespace deconvseg {
@@ -178,16 +179,9 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 std::tuple<Tensor, Tensor, Tensor> permutohedral_lattice_cuda(const Tensor& features_in) {
-  TORCH_CHECK_VALUE(features_in.dim() == 2, "features must be a 2-D [N, d] tensor, got ", features_in.dim(), " dims");
-  TORCH_CHECK_VALUE(features_in.scalar_type() == at::kFloat, "features must be float32, got ",
-                    features_in.scalar_type());
+  lattice::check_features(features_in);
   const int64_t N = features_in.size(0);
   const int d = static_cast<int>(features_in.size(1));
-  TORCH_CHECK_VALUE(d >= 1 && d <= lattice::kMaxDim, "features must have 1 to ", lattice::kMaxDim,
-                    " dimensions, got ", d);
-  TORCH_CHECK_VALUE(N >= 1, "features must have at least one point");
-  TORCH_CHECK_VALUE(N * (d + 1) < (int64_t(1) << 31), "features: ", N, " points of dimension ", d,
-                    " exceed the lattice's 32-bit indexing");
   const c10::cuda::CUDAGuard guard(features_in.device());
   const Tensor features = features_in.contiguous();
   {
@@ -269,15 +263,7 @@ void check_same_device(const Tensor& t, const char* name, const Tensor& values) 
 // Lattice tensors are ordinary op inputs: every index is checked here (ATen min/max reductions, one
 // sync), so the kernels below can trust them and never read or write out of bounds.
 LatticeCuda view_lattice(const Tensor& offsets, const Tensor& weights, const Tensor& neighbors, const Tensor& values) {
-  TORCH_CHECK_VALUE(offsets.dim() == 2 && offsets.scalar_type() == at::kInt, "offsets must be an int32 [N, d+1] tensor");
-  TORCH_CHECK_VALUE(weights.sizes() == offsets.sizes() && weights.scalar_type() == at::kFloat,
-                    "weights must be a float32 tensor shaped like offsets");
-  const int64_t D1 = offsets.size(1);
-  TORCH_CHECK_VALUE(D1 >= 2 && D1 <= lattice::kMaxDim + 1, "offsets must have d+1 columns for 1 <= d <= ",
-                    lattice::kMaxDim, ", got ", D1);
-  TORCH_CHECK_VALUE(neighbors.dim() == 3 && neighbors.size(0) == D1 && neighbors.size(2) == 2 &&
-                        neighbors.scalar_type() == at::kInt,
-                    "neighbors must be an int32 [d+1, M, 2] tensor");
+  const int64_t D1 = lattice::check_lattice_tensors(offsets, weights, neighbors);
   check_same_device(offsets, "offsets", values);
   check_same_device(weights, "weights", values);
   check_same_device(neighbors, "neighbors", values);
@@ -433,13 +419,6 @@ Tensor splat_blur_buffer(const Tensor& values, const T* scale, const LatticeCuda
   return a;
 }
 
-void check_values(const Tensor& values, const LatticeCuda& L) {
-  TORCH_CHECK_VALUE(values.dim() == 2 && values.size(0) == L.N, "values must be a [N, C] tensor with N = ", L.N,
-                    " points, got ", values.sizes());
-  TORCH_CHECK_VALUE(values.scalar_type() == at::kFloat || values.scalar_type() == at::kDouble,
-                    "values must be float32 or float64, got ", values.scalar_type());
-}
-
 template <typename T>
 Tensor filter_impl(const Tensor& values_in, const LatticeCuda& L, bool reverse) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
@@ -459,7 +438,7 @@ Tensor filter_impl(const Tensor& values_in, const LatticeCuda& L, bool reverse) 
 Tensor permutohedral_filter_cuda(const Tensor& values, const Tensor& offsets, const Tensor& weights,
                                  const Tensor& neighbors, bool reverse) {
   const LatticeCuda L = view_lattice(offsets, weights, neighbors, values);
-  check_values(values, L);
+  lattice::check_values(values, L.N);
   const c10::cuda::CUDAGuard guard(values.device());  // after the checks: values may be on the CPU
   if (values.numel() == 0) return at::empty(values.sizes(), values.options());
   if (values.scalar_type() == at::kDouble) return filter_impl<double>(values, L, reverse);
@@ -470,12 +449,10 @@ Tensor permutohedral_splat_blur_cuda(const Tensor& values, const std::optional<T
                                      const Tensor& offsets, const Tensor& weights, const Tensor& neighbors,
                                      bool reverse) {
   const LatticeCuda L = view_lattice(offsets, weights, neighbors, values);
-  check_values(values, L);
+  lattice::check_values(values, L.N);
+  lattice::check_scale(scale_in, L.N, values);
   Tensor scale;
   if (scale_in.has_value()) {
-    TORCH_CHECK_VALUE(scale_in->dim() == 1 && scale_in->size(0) == L.N && scale_in->scalar_type() == values.scalar_type(),
-                      "scale must be a [", L.N, "] tensor of the values' dtype, got ", scale_in->sizes(), " ",
-                      scale_in->scalar_type());
     check_same_device(*scale_in, "scale", values);
     scale = scale_in->contiguous();
   }
