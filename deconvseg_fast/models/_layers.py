@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as TF
 
 from .. import functional as F
-from ..nn import AtrousConv2d
+from ..nn import AtrousConv2d, MaxPool2d, MaxUnpool2d
 
 
 def channels(c: int, width: float) -> int:
@@ -133,6 +133,23 @@ def vgg_stages(width: float, bn: bool, dilation5: int = 1, pad1: int = 1) -> lis
             cin = cout
         stages.append(blocks)
     return stages
+
+
+def add_switch_decoder(net: torch.nn.Module, cin: int, stages: list[list[int]], width: float, index_format: str,
+                       transposed: bool = False) -> int:
+    """Give ``net`` the 2x2 pool that keeps its switches (``net.pool``, Caffe's ceil mode), its
+    unpool, and decoder stages ``dec5..dec1`` of 3x3 conv-BN-ReLU blocks with the output channels
+    ``stages`` lists (first list: dec5). ``transposed``: the blocks keep ConvTranspose2d parameters
+    (DeconvNet's "deconvolutions"). Returns the last stage's channels."""
+    for i, outs in zip((5, 4, 3, 2, 1), stages):
+        blocks = []
+        for c in outs:
+            blocks.append(ConvBlock(cin, channels(c, width), 3, 1, bn=True, transposed=transposed))
+            cin = channels(c, width)
+        setattr(net, f"dec{i}", torch.nn.Sequential(*blocks))
+    net.pool = MaxPool2d(2, 2, ceil_mode=True, return_indices=True, index_format=index_format)
+    net.unpool = MaxUnpool2d(2, 2, index_format=index_format)
+    return cin
 
 
 def encode_with_switches(net: torch.nn.Module, x: torch.Tensor, prefix: str):

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from .. import functional as F
-from ..nn import DenseCRF, MaxPool2d, MaxUnpool2d
-from ._layers import ConvBlock, channels, decode_with_switches, encode_with_switches, vgg_stages
+from ..nn import DenseCRF
+from ._layers import ConvBlock, add_switch_decoder, channels, decode_with_switches, encode_with_switches, vgg_stages
 
 DECODER = [[512, 512, 512], [512, 512, 256], [256, 256, 128], [128, 64], [64, 64]]
 PROPOSAL_SIZE = 224
@@ -82,16 +82,8 @@ class DeconvNet(torch.nn.Module):
         self.fc6 = ConvBlock(c5, fc, 7, 0, bn=True)
         self.fc7 = ConvBlock(fc, fc, 1, 0, bn=True)
         self.fc6_deconv = ConvBlock(fc, c5, 7, 0, bn=True, transposed=True)
-        cin = c5
-        for i, outs in zip((5, 4, 3, 2, 1), DECODER):
-            blocks = []
-            for c in outs:
-                blocks.append(ConvBlock(cin, channels(c, width), 3, 1, bn=True, transposed=True))
-                cin = channels(c, width)
-            setattr(self, f"dec{i}", torch.nn.Sequential(*blocks))
+        cin = add_switch_decoder(self, c5, DECODER, width, index_format, transposed=True)
         self.score = torch.nn.Conv2d(cin, num_classes, 1)
-        self.pool = MaxPool2d(2, 2, ceil_mode=True, return_indices=True, index_format=index_format)
-        self.unpool = MaxUnpool2d(2, 2, index_format=index_format)
 
     def vgg_blocks(self) -> list[ConvBlock]:
         return [b for i in range(1, 6) for b in getattr(self, f"enc{i}")]

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ..nn import MaxPool2d, MaxUnpool2d
-from ._layers import ConvBlock, channels, decode_with_switches, encode_with_switches, vgg_stages
+from ._layers import ConvBlock, add_switch_decoder, channels, decode_with_switches, encode_with_switches, vgg_stages
 from .deconvnet import DECODER
 
 
@@ -47,16 +46,8 @@ class DecoupledNet(torch.nn.Module):
         bridge = channels(1024, width)
         self.bridge1 = ConvBlock(2 * c5, bridge, 7, 0, bn=True)
         self.bridge2 = ConvBlock(bridge, c5, 7, 0, bn=True, transposed=True)
-        cin = c5
-        for i, outs in zip((5, 4, 3, 2, 1), DECODER):
-            blocks = []
-            for c in outs:
-                blocks.append(ConvBlock(cin, channels(c, width), 3, 1, bn=True, transposed=True))
-                cin = channels(c, width)
-            setattr(self, f"dec{i}", torch.nn.Sequential(*blocks))
+        cin = add_switch_decoder(self, c5, DECODER, width, index_format, transposed=True)
         self.score = torch.nn.Conv2d(cin, 2, 1)
-        self.pool = MaxPool2d(2, 2, ceil_mode=True, return_indices=True, index_format=index_format)
-        self.unpool = MaxUnpool2d(2, 2, index_format=index_format)
 
     def vgg_blocks(self) -> list[ConvBlock]:
         return [b for i in range(1, 6) for b in getattr(self, f"conv{i}")]

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..nn import MaxPool2d, MaxUnpool2d
-from ._layers import ConvBlock, channels, decode_with_switches, encode_with_switches, vgg_stages
+from ._layers import ConvBlock, add_switch_decoder, decode_with_switches, encode_with_switches, vgg_stages
 
 DECODER = [[512, 512, 512], [512, 512, 256], [256, 256, 128], [128, 64], [64]]
 
@@ -27,16 +26,8 @@ class SegNet(torch.nn.Module):
         stages = vgg_stages(width, bn=True)
         for i, blocks in enumerate(stages, 1):
             setattr(self, f"enc{i}", torch.nn.Sequential(*blocks))
-        cin = stages[-1][-1].conv.out_channels
-        for i, outs in zip((5, 4, 3, 2, 1), DECODER):
-            blocks = []
-            for c in outs:
-                blocks.append(ConvBlock(cin, channels(c, width), 3, 1, bn=True))
-                cin = channels(c, width)
-            setattr(self, f"dec{i}", torch.nn.Sequential(*blocks))
+        cin = add_switch_decoder(self, stages[-1][-1].conv.out_channels, DECODER, width, index_format)
         self.classifier = torch.nn.Conv2d(cin, num_classes, 3, padding=1)
-        self.pool = MaxPool2d(2, 2, ceil_mode=True, return_indices=True, index_format=index_format)
-        self.unpool = MaxUnpool2d(2, 2, index_format=index_format)
 
     def vgg_blocks(self) -> list[ConvBlock]:
         return [b for i in range(1, 6) for b in getattr(self, f"enc{i}")]
