@@ -107,15 +107,16 @@ def _load_fc(net, sd) -> None:
 
 
 def _builders() -> dict:
-    from . import (deconvnet, decouplednet, deeplab_largefov, deeplab_largefov_crf, edeconvnet, fcn8s,
-                   segnet)
+    from . import (compact_segnet, deconvnet, decouplednet, deeplab_largefov, deeplab_largefov_crf, edeconvnet,
+                   fcn8s, segnet)
     return {f.__name__: f for f in (segnet, deconvnet, deeplab_largefov, deeplab_largefov_crf, fcn8s,
-                                    edeconvnet, decouplednet)}
+                                    edeconvnet, decouplednet, compact_segnet)}
 
 
 _CLASS_TO_BUILDER = {"SegNet": "segnet", "DeconvNet": "deconvnet", "DeepLabLargeFOV": "deeplab_largefov",
                      "DeepLabLargeFOVCRF": "deeplab_largefov_crf", "FCN8s": "fcn8s",
-                     "EDeconvNet": "edeconvnet", "DecoupledNet": "decouplednet"}
+                     "EDeconvNet": "edeconvnet", "DecoupledNet": "decouplednet",
+                     "CompactSegNet": "compact_segnet"}
 
 
 def save_checkpoint(model: torch.nn.Module, path) -> None:

@@ -323,3 +323,35 @@ def edeconvnet(num_classes=21, width=1.0, crf_iterations=10):
 
 def decouplednet(num_classes=20, width=1.0, threshold=0.5, **_):
     return DecoupledNet(num_classes, width, threshold)
+
+
+COMPACT_ENCODER = [[16], [32, 32], [64, 64], [64, 64], [64]]
+COMPACT_DECODER = [[64], [64, 64], [64, 32], [32, 16], [16]]
+
+
+class CompactSegNet(nn.Module):
+    input_normalization = "unit"  # trained on rgb / 255 (deconvseg_fast.video.segmenter.preprocess)
+
+    def __init__(self, num_classes=6, width=1.0):
+        super().__init__()
+        cin = 3
+        for i, outs in enumerate(COMPACT_ENCODER, 1):
+            blocks = []
+            for c in outs:
+                blocks.append(ConvBlock(cin, channels(c, width), 3, 1, bn=True))
+                cin = channels(c, width)
+            setattr(self, f"enc{i}", nn.Sequential(*blocks))
+        stages, cin = decoder(cin, COMPACT_DECODER, width, transposed=False)
+        for i, s in zip((5, 4, 3, 2, 1), stages):
+            setattr(self, f"dec{i}", s)
+        self.classifier = nn.Conv2d(cin, num_classes, 3, padding=1)
+        self.pool = nn.MaxPool2d(2, 2, ceil_mode=True, return_indices=True)
+        self.unpool = nn.MaxUnpool2d(2, 2)
+
+    def forward(self, x):
+        x, saved = _encode(self, x, "enc")
+        return self.classifier(_decode(self, x, saved))
+
+
+def compact_segnet(num_classes=6, width=1.0, **_):
+    return CompactSegNet(num_classes, width)
