@@ -29,12 +29,43 @@ def dense_crf(unary, image, iterations=10, gaussian_sxy=3.0, gaussian_weight=3.0
     L, H, W = unary.shape
     fg, fb = crf_features(H, W, image, gaussian_sxy, bilateral_sxy, bilateral_srgb)
     logits = unary.reshape(L, -1).t().to(torch.float64)
-    kernels = []
-    for f, w in ((fg, gaussian_weight), (fb, bilateral_weight)):
-        norm = gaussian_filter(torch.ones(H * W, 1), f).rsqrt()
-        kernels.append((f, norm, w))
+    q = mean_field(logits, ((fg, gaussian_weight), (fb, bilateral_weight)), iterations, compat)
+    return q.t().reshape(L, H, W)
+
+
+def mean_field(logits, kernels, iterations, compat=None):
+    """logits [N, L]; kernels: (features [N, d], weight) pairs -> Q [N, L], symmetric normalisation."""
+    n = logits.shape[0]
+    normed = []
+    for f, w in kernels:
+        norm = gaussian_filter(torch.ones(n, 1), f).rsqrt()
+        normed.append((f, norm, w))
     q = torch.softmax(logits, 1)
     for _ in range(iterations):
-        msg = sum(w * norm * gaussian_filter(norm * q, f) for f, norm, w in kernels)
+        msg = sum(w * norm * gaussian_filter(norm * q, f) for f, norm, w in normed)
         q = torch.softmax(logits + msg if compat is None else logits - msg @ compat.to(torch.float64).t(), 1)
-    return q.t().reshape(L, H, W)
+    return q
+
+
+def video_features(frames: torch.Tensor, gaussian_sxy: float, gaussian_st: float, bilateral_sxy: float,
+                   bilateral_st: float, bilateral_srgb: float):
+    """(x, y)/sxy, t/st and (x, y)/sxy, t/st, rgb/srgb for a [T, 3, H, W] clip, as [N, 3] and [N, 6],
+    points in (t, y, x) order."""
+    T, _, H, W = frames.shape
+    ts, ys, xs = (c.reshape(-1) for c in torch.meshgrid(
+        *(torch.arange(s, dtype=torch.float64) for s in (T, H, W)), indexing="ij"))
+    rgb = frames.transpose(0, 1).reshape(3, -1).t().to(torch.float64)
+    fg = torch.stack([xs / gaussian_sxy, ys / gaussian_sxy, ts / gaussian_st], 1)
+    fb = torch.cat([torch.stack([xs / bilateral_sxy, ys / bilateral_sxy, ts / bilateral_st], 1), rgb / bilateral_srgb], 1)
+    return fg, fb
+
+
+def dense_crf_video(unary, frames, iterations=10, gaussian_sxy=3.0, gaussian_st=1.0, gaussian_weight=3.0,
+                    bilateral_sxy=80.0, bilateral_st=2.0, bilateral_srgb=13.0, bilateral_weight=10.0, compat=None):
+    """unary [T, L, H, W] logits, frames [T, 3, H, W] -> Q [T, L, H, W] (float64): one fully connected
+    CRF over all T*H*W pixels of the clip, symmetric normalisation."""
+    T, L, H, W = unary.shape
+    fg, fb = video_features(frames, gaussian_sxy, gaussian_st, bilateral_sxy, bilateral_st, bilateral_srgb)
+    logits = unary.transpose(0, 1).reshape(L, -1).t().to(torch.float64)
+    q = mean_field(logits, ((fg, gaussian_weight), (fb, bilateral_weight)), iterations, compat)
+    return q.t().reshape(L, T, H, W).transpose(0, 1)
