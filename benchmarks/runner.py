@@ -22,6 +22,11 @@ The seed networks (benchmarks/models.py, `run_models`: each model's forward vs i
 SegNet training-step memory) take minutes on a 2-core CPU and are not part of the default run: a
 filter starting with `model` (`--filter model`, `--filter model_segnet`) runs them, and only them,
 writing `results_models.csv` next to the pooling CSV.
+
+The end-to-end video pipeline (benchmarks/video.py, `run_video`: fps and per-stage times of the
+default model with and without CRF, against the same pipeline on torch's ops and pydensecrf) takes
+about a minute and is not part of the default run either: a filter starting with `video`
+(`--filter video`, `--filter "video ours"`) runs it, and only it, writing `results_video.csv`.
 """
 from __future__ import annotations
 
@@ -220,6 +225,11 @@ def run(device: str = "cpu", quick: bool = False, csv_path: str | None = DEFAULT
         raise BenchmarkConfigError(f"device: expected 'cpu' or 'cuda', got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise BenchmarkConfigError("device: 'cuda' requested but torch.cuda.is_available() is False")
+    if filter and filter.lower().startswith("video"):
+        from benchmarks import video as video_suite
+        p = Path(csv_path) if csv_path else None
+        return video_suite.run_video(device, quick, str(p.with_name(f"{p.stem}_video.csv")) if p else None,
+                                     filter, markdown=markdown, stream=stream, progress=progress)
     if filter and filter.startswith("model"):
         from benchmarks import models as model_suite
         p = Path(csv_path) if csv_path else None
