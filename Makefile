@@ -1,11 +1,11 @@
-# The README's two commands:  `make bench` (main job)  and  `make test`.
+# The README's two commands:  `make demo` (main job)  and  `make test`.  `make bench`: the benchmark suite.
 # Each sets up .venv from scratch on a fresh machine, builds the extension, then runs.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.requirements-installed
 
-.PHONY: install build test bench clean cuda-check
+.PHONY: install build test bench demo clean cuda-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,9 @@ test: install
 
 bench: install
 	$(BIN)/deconvseg-fast bench
+
+demo: install
+	$(BIN)/deconvseg-fast video --demo -o demo_out/demo.mp4
 
 # No GPU needed: builds the CUDA kernels out of tree in its own venv (.venv-cuda, torch's CUDA
 # build), then checks every op's CUDA registration, ptxas spills and the sm_80/sm_90 code.
