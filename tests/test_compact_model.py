@@ -17,24 +17,13 @@ from deconvseg_fast.nn import AtrousConv2d, MaxPool2d, MaxUnpool2d
 from deconvseg_fast.reference import models as R
 from deconvseg_fast.scenes import CLASSES, miou, render_video
 from deconvseg_fast.scenes.train import EVAL_SEEDS, train_demo
+from test_models import randomize  # non-trivial BN statistics, shared with the seed networks' tests
 
 TOL = dict(rtol=1e-4, atol=1e-5)
 # The shipped weights score 89.06 % mIoU on the clips of test_default_weights_segment_held_back_clips
 # (measured after training; 94.85 % on train_demo's own 2 x 24-frame 360x480 evaluation). The floor
 # leaves a 3-point margin for other thread counts / BLAS builds flipping a few boundary pixels.
 SHIPPED_MIOU_FLOOR = 86.0
-
-
-def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
-    return model
 
 
 def pair(width: float = 1.0, num_classes: int = 6):

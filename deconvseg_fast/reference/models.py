@@ -107,21 +107,30 @@ def crop_proposal(image, box, size=224):
     return (r[:, :, c0] * (1 - lx) + r[:, :, c1] * lx).to(image.dtype)
 
 
+def _add_segnet_decoder(net, cin, cfg, width, num_classes):
+    """SegNet's switch decoder (dec5..dec1), its 3x3 classifier and the 2x2 ceil-mode pool/unpool."""
+    stages, cin = decoder(cin, cfg, width, transposed=False)
+    for i, s in zip((5, 4, 3, 2, 1), stages):
+        setattr(net, f"dec{i}", s)
+    net.classifier = nn.Conv2d(cin, num_classes, 3, padding=1)
+    net.pool = nn.MaxPool2d(2, 2, ceil_mode=True, return_indices=True)
+    net.unpool = nn.MaxUnpool2d(2, 2)
+
+
+def _segnet_forward(net, x):
+    x, saved = _encode(net, x, "enc")
+    return net.classifier(_decode(net, x, saved))
+
+
 class SegNet(nn.Module):
     def __init__(self, num_classes=11, width=1.0):
         super().__init__()
         for i, s in enumerate(vgg_stages(width, bn=True), 1):
             setattr(self, f"enc{i}", s)
-        stages, cin = decoder(channels(512, width), SEGNET_DECODER, width, transposed=False)
-        for i, s in zip((5, 4, 3, 2, 1), stages):
-            setattr(self, f"dec{i}", s)
-        self.classifier = nn.Conv2d(cin, num_classes, 3, padding=1)
-        self.pool = nn.MaxPool2d(2, 2, ceil_mode=True, return_indices=True)
-        self.unpool = nn.MaxUnpool2d(2, 2)
+        _add_segnet_decoder(self, channels(512, width), SEGNET_DECODER, width, num_classes)
 
     def forward(self, x):
-        x, saved = _encode(self, x, "enc")
-        return self.classifier(_decode(self, x, saved))
+        return _segnet_forward(self, x)
 
 
 class DeconvNet(nn.Module):
@@ -341,16 +350,10 @@ class CompactSegNet(nn.Module):
                 blocks.append(ConvBlock(cin, channels(c, width), 3, 1, bn=True))
                 cin = channels(c, width)
             setattr(self, f"enc{i}", nn.Sequential(*blocks))
-        stages, cin = decoder(cin, COMPACT_DECODER, width, transposed=False)
-        for i, s in zip((5, 4, 3, 2, 1), stages):
-            setattr(self, f"dec{i}", s)
-        self.classifier = nn.Conv2d(cin, num_classes, 3, padding=1)
-        self.pool = nn.MaxPool2d(2, 2, ceil_mode=True, return_indices=True)
-        self.unpool = nn.MaxUnpool2d(2, 2)
+        _add_segnet_decoder(self, cin, COMPACT_DECODER, width, num_classes)
 
     def forward(self, x):
-        x, saved = _encode(self, x, "enc")
-        return self.classifier(_decode(self, x, saved))
+        return _segnet_forward(self, x)
 
 
 def compact_segnet(num_classes=6, width=1.0, **_):
