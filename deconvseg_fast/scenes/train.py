@@ -25,22 +25,13 @@ import torch.nn.functional as TF
 
 from .metrics import confusion, miou, temporal_consistency
 from .render import CLASSES, _Scene, render_video
+from ..weights import preprocess
 
 EVAL_SEEDS = (424242, 737373)  # < 1_000_000: disjoint from every training seed
 TRAIN_SIZE = (180, 240)
 POOL = 48  # scenes kept in the pool
 POOL_REFRESH = 2  # scenes replaced per step
 SCENE_FRAMES = 240  # each pooled scene is a 240-frame clip; frames are drawn from all of it
-
-
-def to_input(frames: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 RGB [H, W, 3] or [N, H, W, 3] -> the model's input float32 [N, 3, H, W] in [0, 1]."""
-    x = torch.as_tensor(frames)
-    if x.dtype != torch.uint8 or x.ndim not in (3, 4) or x.shape[-1] != 3:
-        raise ValueError(f"frames must be uint8 [H, W, 3] or [N, H, W, 3], got {x.dtype} {list(x.shape)}")
-    if x.ndim == 3:
-        x = x[None]
-    return x.permute(0, 3, 1, 2).to(torch.float32).div_(255.0).contiguous()
 
 
 class _Stream:
@@ -79,7 +70,7 @@ class _Stream:
             labs.append(lab)
         for _ in range(POOL_REFRESH):
             self.pool[int(self.rng.integers(len(self.pool)))] = self._scene()
-        x = to_input(np.ascontiguousarray(np.stack(imgs)))
+        x = preprocess(np.ascontiguousarray(np.stack(imgs)))
         y = torch.from_numpy(np.ascontiguousarray(np.stack(labs))).long()
         return x, y
 
@@ -97,7 +88,7 @@ def evaluate(model: torch.nn.Module, frames: int = 24, height: int = 360, width:
     preds_all, gts_all = [], []
     for s in seeds:
         clip = render_video(int(s), frames, height, width)
-        preds = np.stack([model(to_input(f)).argmax(1)[0].numpy().astype(np.uint8) for f in clip.frames])
+        preds = np.stack([model(preprocess(f)).argmax(1)[0].numpy().astype(np.uint8) for f in clip.frames])
         cm += confusion(preds, clip.labels, K)
         tcs.append(temporal_consistency(preds, clip.flow, clip.valid, K))
         preds_all.append(preds)

@@ -50,7 +50,8 @@ def preprocess(frames: torch.Tensor, dtype: torch.dtype = torch.float32, normali
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
     if normalization == "unit":
-        return (frames.permute(0, 3, 1, 2).to(torch.float32) * (1.0 / 255.0)).to(dtype).contiguous()
+        from ..weights import preprocess as unit_input  # the compact model's own convention
+        return unit_input(frames).to(dtype)
     mean = torch.tensor(IMAGENET_MEAN, device=frames.device, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(IMAGENET_STD, device=frames.device, dtype=torch.float32).view(1, 3, 1, 1)
     x = frames.permute(0, 3, 1, 2).to(torch.float32)

@@ -19,9 +19,14 @@ DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo
 
 
 def preprocess(frames) -> torch.Tensor:
-    """uint8 RGB [H, W, 3] or [N, H, W, 3] (numpy or torch) -> float32 [N, 3, H, W] in [0, 1]."""
-    from ..scenes.train import to_input
-    return to_input(frames)
+    """uint8 RGB [H, W, 3] or [N, H, W, 3] (numpy or torch, any device) -> float32 [N, 3, H, W] in
+    [0, 1]: the compact model's input convention, used by its training and by the video pipeline."""
+    x = torch.as_tensor(frames)
+    if x.dtype != torch.uint8 or x.ndim not in (3, 4) or x.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 [H, W, 3] or [N, H, W, 3], got {x.dtype} {list(x.shape)}")
+    if x.ndim == 3:
+        x = x[None]
+    return x.permute(0, 3, 1, 2).to(torch.float32).div_(255.0).contiguous()
 
 
 def load_default_model(device="cpu") -> torch.nn.Module:
