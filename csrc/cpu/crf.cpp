@@ -385,27 +385,41 @@ LatticeView view_lattice(const Tensor& offsets, const Tensor& weights, const Ten
   return L;
 }
 
-// Channels are processed in blocks of kLanes floats (one AVX-512 register): buffers are padded to
-// a whole number of blocks, so every inner loop has a fixed trip count and no scalar remainder --
-// with 21 labels a remainder loop would otherwise run 5 of every 21 channels one at a time.
+// Channels are padded to a whole number of half-registers (kBlock: 8 floats, 32 bytes), so every
+// inner loop has a fixed trip count and no scalar remainder -- with 21 labels a remainder loop would
+// otherwise run 5 of every 21 channels one at a time. Half, not whole, AVX-512 registers: 21 labels
+// pad to 24, not 32, a quarter less memory traffic in every splat, blur and slice (and on cores that
+// execute 512-bit operations as two 256-bit halves, a quarter less arithmetic too).
 template <typename T>
 constexpr int64_t kLanes = 64 / sizeof(T);
-
-// Few channels (the normalisation's filter of a constant image has one) are not padded: a 16-wide
-// block would do 16 times the work. Loops below then run over exactly Cp elements.
 template <typename T>
-int64_t padded(int64_t c) { return c <= 2 ? c : (c + kLanes<T> - 1) / kLanes<T> * kLanes<T>; }
+constexpr int64_t kBlock = kLanes<T> / 2;
 
+// Few channels (the normalisation's filter of a constant image has one) are not padded: an 8-wide
+// block would do 8 times the work. Loops below then run over exactly Cp elements.
+template <typename T>
+int64_t padded(int64_t c) { return c <= 2 ? c : (c + kBlock<T> - 1) / kBlock<T> * kBlock<T>; }
 
-// acc[0:Cp] += we * src[0:Cp], Cp a multiple of kLanes<T>.
+// body(c) for c in [0, Cp), in fixed-width runs the compiler turns into whole vectors: full
+// registers when Cp is a multiple of kLanes, else half registers when it is a multiple of kBlock,
+// else one element at a time (Cp <= 2).
+template <typename T, typename Body>
+__attribute__((always_inline)) inline void for_lanes(int64_t Cp, Body&& body) {
+  if (Cp % kLanes<T> == 0) {
+    for (int64_t c0 = 0; c0 < Cp; c0 += kLanes<T>)
+      for (int64_t c = c0; c < c0 + kLanes<T>; ++c) body(c);
+  } else if (Cp % kBlock<T> == 0) {
+    for (int64_t c0 = 0; c0 < Cp; c0 += kBlock<T>)
+      for (int64_t c = c0; c < c0 + kBlock<T>; ++c) body(c);
+  } else {
+    for (int64_t c = 0; c < Cp; ++c) body(c);
+  }
+}
+
+// acc[0:Cp] += we * src[0:Cp].
 template <typename T>
 __attribute__((always_inline)) inline void axpy(T* __restrict acc, const T* __restrict src, T we, int64_t Cp) {
-  if (Cp % kLanes<T> != 0) {
-    for (int64_t c = 0; c < Cp; ++c) acc[c] += we * src[c];
-    return;
-  }
-  for (int64_t c0 = 0; c0 < Cp; c0 += kLanes<T>)
-    for (int64_t c = c0; c < c0 + kLanes<T>; ++c) acc[c] += we * src[c];
+  for_lanes<T>(Cp, [&](int64_t c) { acc[c] += we * src[c]; });
 }
 
 // Splat pixels [begin, end) into buf ([M+1, Cp], rows 1.. zeroed by the caller): buf[v+1] +=
@@ -448,18 +462,10 @@ DSF_MULTIVERSION void add_parts(T* __restrict parts, int64_t part_stride, const 
         first = false;
         continue;
       }
-      if (Cp % kLanes<T> != 0) {
-        for (int64_t c = 0; c < Cp; ++c) {
-          dst[c] += part[c];
-          part[c] = T(0);
-        }
-        continue;
-      }
-      for (int64_t c0 = 0; c0 < Cp; c0 += kLanes<T>)
-        for (int64_t c = c0; c < c0 + kLanes<T>; ++c) {
-          dst[c] += part[c];
-          part[c] = T(0);
-        }
+      for_lanes<T>(Cp, [&](int64_t c) {
+        dst[c] += part[c];
+        part[c] = T(0);
+      });
     }
     if (first)
       for (int64_t c = 0; c < Cp; ++c) dst[c] = T(0);
@@ -476,12 +482,7 @@ DSF_MULTIVERSION void blur_range(const T* __restrict src, const int32_t* __restr
     const T* p1 = src + n1 * Cp;
     const T* p2 = src + n2 * Cp;
     T* out = dst + (v + 1) * Cp;
-    if (Cp % kLanes<T> != 0) {
-      for (int64_t c = 0; c < Cp; ++c) out[c] = o[c] + T(0.5) * (p1[c] + p2[c]);
-      continue;
-    }
-    for (int64_t c0 = 0; c0 < Cp; c0 += kLanes<T>)
-      for (int64_t c = c0; c < c0 + kLanes<T>; ++c) out[c] = o[c] + T(0.5) * (p1[c] + p2[c]);
+    for_lanes<T>(Cp, [&](int64_t c) { out[c] = o[c] + T(0.5) * (p1[c] + p2[c]); });
   }
 }
 
@@ -500,12 +501,7 @@ inline void slice_one(const T* __restrict buf, const LatticeView& L, int64_t i, 
     const int64_t vtx = L.off[i * L.D1 + r];
     const T we = L.w[i * L.D1 + r];
     const T* src = buf + (vtx + 1) * Cp;
-    if (Cp % kLanes<T> != 0) {
-      for (int64_t c = 0; c < Cp; ++c) out[c] += we * src[c] * alpha;
-      continue;
-    }
-    for (int64_t c0 = 0; c0 < Cp; c0 += kLanes<T>)
-      for (int64_t c = c0; c < c0 + kLanes<T>; ++c) out[c] += we * src[c] * alpha;
+    for_lanes<T>(Cp, [&](int64_t c) { out[c] += we * src[c] * alpha; });
   }
 }
 
@@ -736,9 +732,10 @@ DSF_MULTIVERSION void mean_field_update(const std::vector<LatticeView>& lats, co
 #ifdef DSF_HAVE_AVX512_KERNELS
 namespace avx512 {
 
-// exp_approx's range reduction and polynomial on sixteen lanes, for x <= 0 (the softmax's
-// arguments): 2^n is applied with scalef, which goes smoothly to 0 for very negative n, so no clamp
-// and no exponent-field arithmetic are needed (padding labels of -1e30 give exactly 0).
+// exp_approx's range reduction and polynomial on sixteen (or, for a half register, eight) lanes, for
+// x <= 0 (the softmax's arguments): 2^n is applied with scalef, which goes smoothly to 0 for very
+// negative n, so no clamp and no exponent-field arithmetic are needed (padding labels of -1e30 give
+// exactly 0). Both widths do the same operations lane by lane, so give the same bits.
 DSF_AVX512 inline __m512 exp_nonpositive_ps(__m512 x) {
   const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
   const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -751,6 +748,20 @@ DSF_AVX512 inline __m512 exp_nonpositive_ps(__m512 x) {
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
   return _mm512_scalef_ps(p, n);
+}
+
+DSF_AVX512 inline __m256 exp_nonpositive_ps(__m256 x) {
+  const __m256 y = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+  const __m256 n = _mm256_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(y, n);
+  __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  return _mm256_scalef_ps(p, n);
 }
 
 // One kernel's share of a block of the mean-field iteration.
@@ -767,65 +778,95 @@ struct MeanFieldKernel {
   float* parts = nullptr;           // [M+1, Lp] this part's splat buffer, or null for no splat
 };
 
-// The fused update of mean_field_update with the label axis held in NV registers (Lp = 16 NV) from
-// the slice to the softmax, and the next iteration's splat done from those registers too. The
-// logits are unpadded rows of L floats (masked loads). Q is written only on the last pass (the
-// splat takes it from the registers), straight into the op's label-major output: sixteen pixels
-// are gathered in a tile, then each label's sixteen values are written as one run.
+// The fused update of mean_field_update with the label axis held in registers from the slice to
+// the softmax -- NZ full registers of 16 labels, then, if TAIL, one half register of 8 (Lp = 16 NZ
+// + 8 TAIL) -- and the next iteration's splat done from those registers too. The logits are
+// unpadded rows of L floats (masked loads). Q is written only on the last pass (the splat takes it
+// from the registers), straight into the op's label-major output: sixteen pixels are gathered in a
+// tile, then each label's sixteen values are written as one run.
 //   logits [N, L]; out [L, N] written for pixels [begin, end), or null.
-template <int NV>
+// The half register's lanes do what lanes 16 NZ .. 16 NZ + 7 of a full one would, and its max and
+// sum enter the full-width reductions with the padding a full register would hold there (-1e30 for
+// the max, exp(-1e30) = 0 for the sum), so Q has the same bits as with Lp rounded up to 16.
+template <int NZ, bool TAIL>
 DSF_AVX512 void mean_field_block(const MeanFieldKernel* ks, int64_t K, const float* __restrict logits, int64_t L,
                                  int64_t N, int64_t begin, int64_t end, float* __restrict out) {
-  constexpr int64_t Lp = 16 * NV;
-  __mmask16 live[NV];
-  for (int v = 0; v < NV; ++v) {
+  constexpr int64_t Lp = 16 * NZ + (TAIL ? 8 : 0);
+  constexpr int NA = NZ > 0 ? NZ : 1;  // array sizes (an unused register when NZ = 0)
+  constexpr int64_t T0 = 16 * NZ;      // the half register's first label
+  __mmask16 live[NA];
+  for (int v = 0; v < NA; ++v) {
     const int64_t rem = L - 16 * v;
-    live[v] = rem >= 16 ? __mmask16(0xFFFF) : rem <= 0 ? __mmask16(0) : static_cast<__mmask16>((1u << rem) - 1u);
+    live[v] = v >= NZ || rem <= 0 ? __mmask16(0)
+              : rem >= 16        ? __mmask16(0xFFFF)
+                                 : static_cast<__mmask16>((1u << rem) - 1u);
   }
+  const int64_t tail_rem = L - T0;
+  const __mmask8 live_tail =
+      tail_rem >= 8 ? __mmask8(0xFF) : tail_rem <= 0 ? __mmask8(0) : static_cast<__mmask8>((1u << tail_rem) - 1u);
   alignas(64) float f[Lp];
   alignas(64) float tile[16 * Lp];  // [16 pixels, Lp] of Q on its way to out
   int64_t tile_start = begin;
   const __m512 lowest = _mm512_set1_ps(-1e30f);  // padding: never the max, exps to 0
+  const __m256 lowest_h = _mm256_set1_ps(-1e30f);
   for (int64_t i = begin; i < end; ++i) {
-    __m512 t[NV];
-    for (int v = 0; v < NV; ++v) t[v] = _mm512_mask_loadu_ps(lowest, live[v], logits + i * L + 16 * v);
+    __m512 t[NA];
+    __m256 th = lowest_h;
+    for (int v = 0; v < NZ; ++v) t[v] = _mm512_mask_loadu_ps(lowest, live[v], logits + i * L + 16 * v);
+    if constexpr (TAIL) th = _mm256_mask_loadu_ps(lowest_h, live_tail, logits + i * L + T0);
     for (int64_t k = 0; k < K; ++k) {
       const MeanFieldKernel& kk = ks[k];
       if (!kk.blurred) continue;  // pass -1: Q0, no messages yet
       const int32_t* o = kk.off + i * kk.D1;
       const float* wt = kk.w + i * kk.D1;
-      __m512 acc[NV];
-      for (int v = 0; v < NV; ++v) acc[v] = _mm512_setzero_ps();
+      __m512 acc[NA];
+      __m256 acch = _mm256_setzero_ps();
+      for (int v = 0; v < NZ; ++v) acc[v] = _mm512_setzero_ps();
       for (int64_t r = 0; r < kk.D1; ++r) {
         const float* row = kk.blurred + (static_cast<int64_t>(o[r]) + 1) * Lp;
         const __m512 wr = _mm512_set1_ps(wt[r]);
-        for (int v = 0; v < NV; ++v) acc[v] = _mm512_fmadd_ps(wr, _mm512_loadu_ps(row + 16 * v), acc[v]);
+        for (int v = 0; v < NZ; ++v) acc[v] = _mm512_fmadd_ps(wr, _mm512_loadu_ps(row + 16 * v), acc[v]);
+        if constexpr (TAIL) acch = _mm256_fmadd_ps(_mm512_castps512_ps256(wr), _mm256_loadu_ps(row + T0), acch);
       }
       const __m512 s = _mm512_set1_ps(kk.alpha * kk.post[i]);
+      const __m256 sh = _mm512_castps512_ps256(s);
       if (kk.diag) {
-        for (int v = 0; v < NV; ++v)
+        for (int v = 0; v < NZ; ++v)
           t[v] = _mm512_fnmadd_ps(_mm512_loadu_ps(kk.diag + 16 * v), _mm512_mul_ps(acc[v], s), t[v]);
+        if constexpr (TAIL) th = _mm256_fnmadd_ps(_mm256_loadu_ps(kk.diag + T0), _mm256_mul_ps(acch, sh), th);
       } else {
-        for (int v = 0; v < NV; ++v) _mm512_store_ps(f + 16 * v, _mm512_mul_ps(acc[v], s));
+        for (int v = 0; v < NZ; ++v) _mm512_store_ps(f + 16 * v, _mm512_mul_ps(acc[v], s));
+        if constexpr (TAIL) _mm256_store_ps(f + T0, _mm256_mul_ps(acch, sh));
         for (int64_t m = 0; m < L; ++m) {
           const __m512 fm = _mm512_set1_ps(f[m]);
-          for (int v = 0; v < NV; ++v)
-            t[v] = _mm512_fnmadd_ps(fm, _mm512_loadu_ps(kk.compat_t + m * Lp + 16 * v), t[v]);
+          const float* col = kk.compat_t + m * Lp;
+          for (int v = 0; v < NZ; ++v) t[v] = _mm512_fnmadd_ps(fm, _mm512_loadu_ps(col + 16 * v), t[v]);
+          if constexpr (TAIL) th = _mm256_fnmadd_ps(_mm512_castps512_ps256(fm), _mm256_loadu_ps(col + T0), th);
         }
       }
     }
-    __m512 mx = t[0];
-    for (int v = 1; v < NV; ++v) mx = _mm512_max_ps(mx, t[v]);
+    // The half register joins the reductions in the lower half of a full one.
+    __m512 mx = NZ > 0 ? t[0] : lowest;
+    for (int v = 1; v < NZ; ++v) mx = _mm512_max_ps(mx, t[v]);
+    if constexpr (TAIL) mx = _mm512_max_ps(mx, _mm512_insertf32x8(lowest, th, 0));
     const __m512 top = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-    __m512 e[NV], sum = _mm512_setzero_ps();
-    for (int v = 0; v < NV; ++v) {
+    __m512 e[NA], sum = _mm512_setzero_ps();
+    __m256 eh = _mm256_setzero_ps();
+    for (int v = 0; v < NZ; ++v) {
       e[v] = exp_nonpositive_ps(_mm512_sub_ps(t[v], top));
       sum = _mm512_add_ps(sum, e[v]);
     }
+    if constexpr (TAIL) {
+      eh = exp_nonpositive_ps(_mm256_sub_ps(th, _mm512_castps512_ps256(top)));
+      sum = _mm512_add_ps(sum, _mm512_zextps256_ps512(eh));
+    }
     const __m512 inv = _mm512_set1_ps(1.0f / _mm512_reduce_add_ps(sum));
-    for (int v = 0; v < NV; ++v) e[v] = _mm512_mul_ps(e[v], inv);
+    for (int v = 0; v < NZ; ++v) e[v] = _mm512_mul_ps(e[v], inv);
+    if constexpr (TAIL) eh = _mm256_mul_ps(eh, _mm512_castps512_ps256(inv));
     if (out) {
-      for (int v = 0; v < NV; ++v) _mm512_store_ps(tile + (i - tile_start) * Lp + 16 * v, e[v]);
+      float* row = tile + (i - tile_start) * Lp;
+      for (int v = 0; v < NZ; ++v) _mm512_storeu_ps(row + 16 * v, e[v]);
+      if constexpr (TAIL) _mm256_storeu_ps(row + T0, eh);
       if (i + 1 - tile_start == 16 || i + 1 == end) {
         const int64_t n = i + 1 - tile_start;
         for (int64_t l = 0; l < L; ++l)
@@ -839,13 +880,16 @@ DSF_AVX512 void mean_field_block(const MeanFieldKernel* ks, int64_t K, const flo
       const int32_t* o = kk.off + i * kk.D1;
       const float* wt = kk.w + i * kk.D1;
       const __m512 s = _mm512_set1_ps(kk.pre[i]);
-      __m512 sv[NV];
-      for (int v = 0; v < NV; ++v) sv[v] = _mm512_mul_ps(s, e[v]);
+      __m512 sv[NA];
+      for (int v = 0; v < NZ; ++v) sv[v] = _mm512_mul_ps(s, e[v]);
+      const __m256 svh = _mm256_mul_ps(_mm512_castps512_ps256(s), eh);
       for (int64_t r = 0; r < kk.D1; ++r) {
         float* row = kk.parts + (static_cast<int64_t>(o[r]) + 1) * Lp;
         const __m512 wr = _mm512_set1_ps(wt[r]);
-        for (int v = 0; v < NV; ++v)
+        for (int v = 0; v < NZ; ++v)
           _mm512_storeu_ps(row + 16 * v, _mm512_fmadd_ps(wr, sv[v], _mm512_loadu_ps(row + 16 * v)));
+        if constexpr (TAIL)
+          _mm256_storeu_ps(row + T0, _mm256_fmadd_ps(_mm512_castps512_ps256(wr), svh, _mm256_loadu_ps(row + T0)));
       }
     }
   }
@@ -854,14 +898,18 @@ DSF_AVX512 void mean_field_block(const MeanFieldKernel* ks, int64_t K, const flo
 using MeanFieldBlockFn = void (*)(const MeanFieldKernel*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t,
                                   float*);
 
-// The register-resident update for Lp = 16, 32, 48 or 64 labels, or null.
+// The register-resident update for Lp = 8, 16, ..., 64 labels (a multiple of 8), or null.
 inline MeanFieldBlockFn mean_field_block_for(int64_t Lp) {
   if (!cpu_has_avx512()) return nullptr;
   switch (Lp) {
-    case 16: return &mean_field_block<1>;
-    case 32: return &mean_field_block<2>;
-    case 48: return &mean_field_block<3>;
-    case 64: return &mean_field_block<4>;
+    case 8: return &mean_field_block<0, true>;
+    case 16: return &mean_field_block<1, false>;
+    case 24: return &mean_field_block<1, true>;
+    case 32: return &mean_field_block<2, false>;
+    case 40: return &mean_field_block<2, true>;
+    case 48: return &mean_field_block<3, false>;
+    case 56: return &mean_field_block<3, true>;
+    case 64: return &mean_field_block<4, false>;
     default: return nullptr;
   }
 }
@@ -894,8 +942,18 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
   }
   const Tensor logits = logits_in.contiguous(), pre = pre_in.contiguous(), post = post_in.contiguous(),
                compat = compat_in.contiguous();
-  // Always whole vector blocks here: the update below has no small-width path.
-  const int64_t Lp = (L + kLanes<float> - 1) / kLanes<float> * kLanes<float>;
+#ifdef DSF_HAVE_AVX512_KERNELS
+  // Labels held in registers through the whole update when they fit in up to four vectors; the
+  // label axis is then padded to half registers (8 floats).
+  const avx512::MeanFieldBlockFn fast_block =
+      avx512::mean_field_block_for((L + kBlock<float> - 1) / kBlock<float> * kBlock<float>);
+#else
+  const bool fast_block = false;
+#endif
+  // Whole vector blocks here: the portable update has no small-width path and reduces across full
+  // registers of lanes.
+  const int64_t unit = fast_block ? kBlock<float> : kLanes<float>;
+  const int64_t Lp = (L + unit - 1) / unit * unit;
   // Zero-padded [K, Lp, Lp] compatibility, and which kernels are diagonal (Potts).
   std::vector<float> cpad(K * Lp * Lp, 0.f), cdiag(K * Lp, 0.f);
   std::vector<char> diag(K, 1);
@@ -908,12 +966,6 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
         if (l == m) cdiag[k * Lp + l] = v;
         if (l != m && v != 0.f) diag[k] = 0;
       }
-#ifdef DSF_HAVE_AVX512_KERNELS
-  // Labels held in registers through the whole update when they fit in up to four vectors.
-  const avx512::MeanFieldBlockFn fast_block = avx512::mean_field_block_for(Lp);
-#else
-  const bool fast_block = false;
-#endif
   // Point-major logits and Q, rows of ls floats: unpadded for the register-resident update, else
   // padded to Lp with logits of -1e30, which never win the max and exp to 0.
   const int64_t ls = fast_block ? L : Lp;

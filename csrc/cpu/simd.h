@@ -17,13 +17,14 @@
 #include <cstdlib>
 #include <string>
 #define DSF_HAVE_AVX512_KERNELS 1
-#define DSF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+#define DSF_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
 
 // DECONVSEG_DISABLE_AVX512=1 turns the hand-written kernels off, so tests can compare them with the
 // portable paths on the same machine.
 inline bool cpu_has_avx512() {
   static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("fma") &&
                          !(std::getenv("DECONVSEG_DISABLE_AVX512") &&
                            std::string(std::getenv("DECONVSEG_DISABLE_AVX512")) == "1");
   return ok;
