@@ -35,6 +35,22 @@ def atrous(x, weight, bias, stride, padding, dilation, relu: bool, scale=None, s
                            scale=scale, shift=shift)
 
 
+def use_channels_last(net: torch.nn.Module) -> torch.nn.Module:
+    """Store ``net``'s 4-D weights channels_last (NHWC strides; shapes, values and state_dict keys
+    unchanged). The seed networks do this and feed their layers channels_last activations
+    (``to_channels_last``): oneDNN's convolutions are fastest in that layout on the CPU -- 1.4x on
+    SegNet's 64-channel 360x480 layers, 1.25x at 128 channels, the same from 256 channels up --
+    and the Triton convolution reads channels_last operands directly; with the weights already in
+    that layout no convolution reorders its weight on every call. Our pooling ops take either
+    layout."""
+    return net.to(memory_format=torch.channels_last)
+
+
+def to_channels_last(x: torch.Tensor) -> torch.Tensor:
+    """A 4-D activation in channels_last strides (a copy only if it is not already)."""
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
 def fold_bn(bn: torch.nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """Eval-mode batch-norm as ``y * scale + shift`` (per channel)."""
     scale = torch.rsqrt(bn.running_var + bn.eps)
@@ -77,7 +93,8 @@ class ConvBlock(torch.nn.Module):
             return w.transpose(0, 1).flip(-2, -1)
         key = (w.data_ptr(), w._version)  # inference: rearrange once, not on every call
         if self._flipped is None or self._flipped[0] != key:
-            self._flipped = (key, w.detach().transpose(0, 1).flip(-2, -1).contiguous())
+            fmt = torch.channels_last if w.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+            self._flipped = (key, w.detach().transpose(0, 1).flip(-2, -1).contiguous(memory_format=fmt))
         return self._flipped[1]
 
     def _conv_args(self):

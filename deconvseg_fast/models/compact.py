@@ -18,7 +18,15 @@ from __future__ import annotations
 
 import torch
 
-from ._layers import ConvBlock, add_switch_decoder, channels, decode_with_switches, encode_with_switches
+from ._layers import (
+    ConvBlock,
+    add_switch_decoder,
+    channels,
+    decode_with_switches,
+    encode_with_switches,
+    to_channels_last,
+    use_channels_last,
+)
 
 ENCODER = [[16], [32, 32], [64, 64], [64, 64], [64]]
 DECODER = [[64], [64, 64], [64, 32], [32, 16], [16]]
@@ -43,11 +51,12 @@ class CompactSegNet(torch.nn.Module):
             setattr(self, f"enc{i}", torch.nn.Sequential(*blocks))
         cin = add_switch_decoder(self, cin, DECODER, width, index_format)
         self.classifier = torch.nn.Conv2d(cin, num_classes, 3, padding=1)
+        use_channels_last(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [N, 3, H, W] (any H, W >= 1) -> logits [N, num_classes, H, W]."""
-        x, saved = encode_with_switches(self, x, "enc")
-        return self.classifier(decode_with_switches(self, x, saved))
+        x, saved = encode_with_switches(self, to_channels_last(x), "enc")
+        return self.classifier(decode_with_switches(self, x, saved)).contiguous()
 
 
 def compact_segnet(num_classes: int | None = None, width: float = 1.0, index_format: str = "packed") -> CompactSegNet:

@@ -18,7 +18,16 @@ import torch
 
 from .. import functional as F
 from ..nn import DenseCRF
-from ._layers import ConvBlock, add_switch_decoder, channels, decode_with_switches, encode_with_switches, vgg_stages
+from ._layers import (
+    ConvBlock,
+    add_switch_decoder,
+    channels,
+    decode_with_switches,
+    encode_with_switches,
+    to_channels_last,
+    use_channels_last,
+    vgg_stages,
+)
 
 DECODER = [[512, 512, 512], [512, 512, 256], [256, 256, 128], [128, 64], [64, 64]]
 PROPOSAL_SIZE = 224
@@ -84,18 +93,19 @@ class DeconvNet(torch.nn.Module):
         self.fc6_deconv = ConvBlock(fc, c5, 7, 0, bn=True, transposed=True)
         cin = add_switch_decoder(self, c5, DECODER, width, index_format, transposed=True)
         self.score = torch.nn.Conv2d(cin, num_classes, 1)
+        use_channels_last(self)
 
     def vgg_blocks(self) -> list[ConvBlock]:
         return [b for i in range(1, 6) for b in getattr(self, f"enc{i}")]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Proposal-level forward: crops [P, 3, 224, 224] (normalised) -> logits [P, classes, 224, 224]."""
-        x, saved = encode_with_switches(self, x, "enc")
+        x, saved = encode_with_switches(self, to_channels_last(x), "enc")
         if x.shape[-2] < 7 or x.shape[-1] < 7:
             raise ValueError(f"input: DeconvNet needs pool5 of at least 7x7 (inputs >= 193x193), got "
                              f"pool5 {list(x.shape[-2:])}")
         x = self.fc6_deconv(self.fc7(self.fc6(x)))
-        return self.score(decode_with_switches(self, x, saved))
+        return self.score(decode_with_switches(self, x, saved)).contiguous()
 
     @torch.no_grad()
     def segment_instances(self, image: torch.Tensor, boxes: torch.Tensor, image_index: torch.Tensor | None = None,

@@ -14,7 +14,15 @@ from __future__ import annotations
 
 import torch
 
-from ._layers import ConvBlock, add_switch_decoder, decode_with_switches, encode_with_switches, vgg_stages
+from ._layers import (
+    ConvBlock,
+    add_switch_decoder,
+    decode_with_switches,
+    encode_with_switches,
+    to_channels_last,
+    use_channels_last,
+    vgg_stages,
+)
 
 DECODER = [[512, 512, 512], [512, 512, 256], [256, 256, 128], [128, 64], [64]]
 
@@ -28,13 +36,14 @@ class SegNet(torch.nn.Module):
             setattr(self, f"enc{i}", torch.nn.Sequential(*blocks))
         cin = add_switch_decoder(self, stages[-1][-1].conv.out_channels, DECODER, width, index_format)
         self.classifier = torch.nn.Conv2d(cin, num_classes, 3, padding=1)
+        use_channels_last(self)
 
     def vgg_blocks(self) -> list[ConvBlock]:
         return [b for i in range(1, 6) for b in getattr(self, f"enc{i}")]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x, saved = encode_with_switches(self, x, "enc")
-        return self.classifier(decode_with_switches(self, x, saved))
+        x, saved = encode_with_switches(self, to_channels_last(x), "enc")
+        return self.classifier(decode_with_switches(self, x, saved)).contiguous()
 
 
 def segnet(num_classes: int = 11, width: float = 1.0, index_format: str = "packed") -> SegNet:
