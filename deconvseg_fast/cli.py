@@ -5,7 +5,7 @@
     deconvseg-fast segment IMAGE... -o DIR [--model NAME] [--weights PATH] [--crf/--no-crf] [--labels] [--probs]
     deconvseg-fast video INPUT -o OUTPUT [--model NAME] [--weights PATH] [--crf/--no-crf] [--temporal-window N]
                          [--batch B] [--resize HxW] [--max-frames N] [--labels-out DIR] [--quiet] ...
-    deconvseg-fast video --demo [-o OUTPUT]
+    deconvseg-fast video --demo [-o OUTPUT] [--camera low-light|standard] [--seed N]
     deconvseg-fast train-demo [-o PATH] [--seed N] [--minutes M]
 
 torch is imported only inside the subcommands, so `deconvseg-fast --help` answers at once.
@@ -140,6 +140,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 def _cmd_video(args: argparse.Namespace) -> int:
     from .video.io import VideoError
 
+    if args.camera is not None and not args.demo:
+        _fail("video --camera: the camera is the demo's; use it with --demo")
     if args.demo:
         if args.input is not None:
             _fail("video --demo renders its own clip; give no INPUT")
@@ -175,7 +177,8 @@ def _cmd_video_demo(args: argparse.Namespace) -> int:
     try:
         results = run_demo(args.output or "demo_segmented.mp4", seed=args.seed, frames=args.max_frames or 30,
                            height=size[0], width=size[1], model=args.model, weights=args.weights,
-                           crf_iterations=args.crf_iterations, temporal_window=args.temporal_window or 5,
+                           camera=args.camera or "low-light", crf_iterations=args.crf_iterations,
+                           temporal_window=args.temporal_window or 5,
                            batch=args.batch, device=args.device, half=args.half, alpha=args.alpha,
                            progress=not args.quiet and sys.stderr.isatty(), warn=_warn)
     except VideoError as e:
@@ -272,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="force an FFmpeg demuxer, e.g. v4l2 for /dev/video0")
     vid.add_argument("--demo", action="store_true", help="segment a generated clip and score it against its labels")
     vid.add_argument("--seed", type=int, default=0, help="--demo: the scene seed (default: %(default)s)")
+    vid.add_argument("--camera", choices=("low-light", "standard"), default=None,
+                     help="--demo: how the clip is filmed: low-light (default; strong per-frame sensor noise, "
+                          "colour blotches and exposure flicker) or standard (the clean camera the model was "
+                          "trained on)")
     vid.set_defaults(func=_cmd_video)
 
     td = sub.add_parser("train-demo", help="train the default model on generated scenes (CPU, minutes)",

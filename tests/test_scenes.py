@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from deconvseg_fast.scenes import (CLASSES, PALETTE, Clip, confusion, estimate_flow, miou, render_image,
-                                   render_video, temporal_consistency)
+from deconvseg_fast.scenes import (CAMERAS, CLASSES, PALETTE, Camera, Clip, confusion, estimate_flow, miou,
+                                   render_image, render_video, temporal_consistency)
 
 K = len(CLASSES)
 
@@ -138,6 +138,64 @@ def test_valid_marks_occlusion_and_exit():
         assert not (c.valid[t] & ~inb).any()
 
 
+def _unclipped(clean: np.ndarray, margin: float) -> np.ndarray:
+    """Samples (per channel) far enough from 0 and 255 that added noise is rarely clipped."""
+    return (clean >= margin) & (clean <= 255 - margin)
+
+
+def _corr(a: np.ndarray, b: np.ndarray, keep: np.ndarray) -> float:
+    return float(np.corrcoef(a[keep], b[keep])[0, 1])
+
+
+def test_low_light_camera_changes_pixels_only_and_is_deterministic():
+    std = render_video(4, 3, 72, 96)
+    low = render_video(4, 3, 72, 96, camera="low-light")
+    assert CAMERAS["low-light"] == Camera(noise_std=15.0, blotch_std=30.0, blotch_size=16, flicker=0.05)
+    for name in ("labels", "flow", "valid"):  # the same scene, only filmed differently
+        np.testing.assert_array_equal(getattr(low, name), getattr(std, name))
+    again = render_video(4, 3, 72, 96, camera=CAMERAS["low-light"])
+    np.testing.assert_array_equal(low.frames, again.frames)
+    np.testing.assert_array_equal(render_video(4, 3, 72, 96, camera="standard").frames, std.frames)
+    clean = render_video(4, 3, 72, 96, noise=False).frames.astype(np.float64)
+    assert np.abs(low.frames - clean).std() > 4 * np.abs(std.frames - clean).std()
+    img, lab = render_image(4, 72, 96, camera="low-light")
+    np.testing.assert_array_equal(lab, render_image(4, 72, 96)[1])
+    assert not np.array_equal(img, render_image(4, 72, 96)[0])
+
+
+def test_camera_noise_levels_grain_and_freshness():
+    T, Hh, Ww = 3, 120, 160
+    clean = render_video(7, T, Hh, Ww, noise=False).frames.astype(np.float64)
+    # Fine grain: the requested std, white (no correlation between neighbours), fresh every frame.
+    keep = _unclipped(clean, 55)
+    assert keep.sum() > 2000
+    fine = render_video(7, T, Hh, Ww, camera=Camera(noise_std=15.0)).frames - clean
+    assert fine[keep].std() == pytest.approx(15.0, rel=0.08)
+    nb = keep[:, :, 1:] & keep[:, :, :-1]
+    assert abs(_corr(fine[:, :, 1:], fine[:, :, :-1], nb)) < 0.1
+    assert abs(_corr(fine[1], fine[0], keep[0] & keep[1])) < 0.1
+    # Blotches: the requested std, smooth over their grain (neighbours nearly equal), fresh every frame.
+    keep = _unclipped(clean, 100)
+    assert keep.sum() > 2000
+    blot = render_video(7, T, Hh, Ww, camera=Camera(noise_std=0.0, blotch_std=30.0, blotch_size=16)).frames - clean
+    assert blot[keep].std() == pytest.approx(30.0, rel=0.2)
+    nb = keep[:, :, 1:] & keep[:, :, :-1]
+    assert _corr(blot[:, :, 1:], blot[:, :, :-1], nb) > 0.95
+    assert abs(_corr(blot[1], blot[0], keep[0] & keep[1])) < 0.3
+    # Flicker: one gain per frame (uniform within the frame), different frames get different gains.
+    gains = []
+    flick = render_video(7, T, Hh, Ww, camera=Camera(noise_std=0.0, flicker=0.1)).frames.astype(np.float64)
+    for t in range(T):
+        bright = (clean[t] > 60) & (flick[t] < 250)
+        ratio = flick[t][bright] / clean[t][bright]
+        assert ratio.std() < 0.02
+        gains.append(ratio.mean())
+    assert max(gains) - min(gains) > 0.02
+    # lighting=False holds the exposure too (for checking the flow against the pixels).
+    steady = render_video(7, T, Hh, Ww, noise=False, lighting=False, camera=Camera(noise_std=0.0, flicker=0.1))
+    np.testing.assert_array_equal(steady.frames, render_video(7, T, Hh, Ww, noise=False, lighting=False).frames)
+
+
 @pytest.mark.parametrize("call,match", [
     (lambda: render_image(-1), "seed"),
     (lambda: render_image(1.5), "seed"),
@@ -148,6 +206,16 @@ def test_valid_marks_occlusion_and_exit():
     (lambda: render_video(0, 2.0), "frames"),
     (lambda: render_video(0, 2, fps=-1), "fps"),
     (lambda: render_video(0, 2, fps="fast"), "fps"),
+    (lambda: render_video(0, 2, camera="night"), "camera"),
+    (lambda: render_video(0, 2, camera=None), "camera"),
+    (lambda: render_image(0, camera="night"), "camera"),
+    (lambda: Camera(noise_std=-1.0), "noise_std"),
+    (lambda: Camera(noise_std=float("nan")), "noise_std"),
+    (lambda: Camera(blotch_std=300.0), "blotch_std"),
+    (lambda: Camera(blotch_size=1), "blotch_size"),
+    (lambda: Camera(blotch_size=8.0), "blotch_size"),
+    (lambda: Camera(flicker=0.5), "flicker"),
+    (lambda: Camera(flicker=True), "flicker"),
 ])
 def test_render_bad_arguments(call, match):
     with pytest.raises((TypeError, ValueError), match=match):

@@ -380,6 +380,65 @@ def test_demo_runs_three_modes(tiny_model, tmp_path):
         assert 0 <= row["miou"] <= 100 and 0 <= row["temporal_consistency"] <= 100 and row["fps"] > 0
     assert probe(out)[0] == 4
     assert "mIoU" in format_demo(r)
+    assert r["camera"] == "low-light"  # the demo's camera unless told otherwise
+    assert "low-light camera (sensor noise std 15, colour blotches std 30 over 16 px" in format_demo(r)
+
+
+def test_demo_passes_its_camera_and_each_modes_crf_settings(tiny_model, tmp_path, monkeypatch):
+    import deconvseg_fast.scenes as scenes
+    from deconvseg_fast.video import demo
+
+    seen, cameras = [], []
+    real_init, real_render = Segmenter.__init__, scenes.render_video
+
+    def init(self, model, **kw):
+        seen.append((kw.get("temporal_window", 1), kw.get("crf"), kw.get("crf_params")))
+        real_init(self, model, **kw)
+
+    def render(*args, **kw):
+        cameras.append(kw.get("camera"))
+        return real_render(*args, **kw)
+
+    monkeypatch.setattr(Segmenter, "__init__", init)
+    monkeypatch.setattr(scenes, "render_video", render)
+    demo.run_demo(tmp_path / "a.mp4", frames=3, height=32, width=48, model=tiny_model, crf_iterations=1,
+                  temporal_window=3)
+    assert cameras == ["low-light"]
+    assert seen == [(1, False, None), (1, True, demo.DEMO_CRF["low-light"]["per-frame"]),
+                    (3, True, demo.DEMO_CRF["low-light"]["temporal"])]
+    seen.clear()
+    r = demo.run_demo(tmp_path / "b.mp4", frames=3, height=32, width=48, model=tiny_model, crf_iterations=1,
+                      temporal_window=3, camera="standard", temporal_crf_params={"bilateral_st": 1.0})
+    assert cameras[-1] == "standard" and "standard camera (sensor noise std 2-6)" in demo.format_demo(r)
+    assert seen == [(1, False, None), (1, True, {}), (3, True, {"bilateral_st": 1.0})]
+
+
+def test_demo_bad_camera_and_params(tiny_model, tmp_path, capsys):
+    from deconvseg_fast.video.demo import run_demo
+
+    with pytest.raises(VideoError, match="--camera"):
+        run_demo(tmp_path / "x.mp4", frames=2, height=16, width=16, model=tiny_model, camera="night")
+    with pytest.raises(VideoError, match="temporal_crf_params"):
+        run_demo(tmp_path / "x.mp4", frames=2, height=16, width=16, model=tiny_model, temporal_crf_params=[1])
+    one_line_error(capsys, ["video", str(tmp_path / "in.mp4"), "-o", str(tmp_path / "o.mp4"), "--camera",
+                            "low-light"], "--camera", "--demo")
+    with pytest.raises(SystemExit):
+        main(["video", "--demo", "--camera", "night"])
+    assert "--camera" in capsys.readouterr().err
+
+
+def test_demo_temporal_crf_beats_per_frame_crf_in_low_light(tmp_path):
+    """The demo's claim, on a smaller clip of the same kind: with the shipped model and the low-light
+    camera the temporal CRF is far more consistent than the per-frame CRF, and no less accurate.
+    (Measured: seed 0, 10 frames of 180x240: per-frame CRF 68.4 mIoU / 69.4 % consistent, temporal
+    CRF 82.9 / 86.5.)"""
+    from deconvseg_fast.video.demo import run_demo
+
+    r = run_demo(tmp_path / "d.mp4", seed=0, frames=10, height=180, width=240)
+    per_frame, crf, temporal = r["rows"]
+    assert temporal["temporal_consistency"] >= crf["temporal_consistency"] + 10
+    assert crf["temporal_consistency"] >= per_frame["temporal_consistency"] + 10
+    assert temporal["miou"] >= crf["miou"]
 
 
 def test_train_demo_cli_passes_its_options(tmp_path, monkeypatch):

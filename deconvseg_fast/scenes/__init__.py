@@ -4,9 +4,9 @@ Everything here is procedural -- drawn from an integer seed -- so the default mo
 checked without downloading anything. See ``render`` for the scene model and ``metrics`` for the scores.
 """
 from .metrics import confusion, estimate_flow, miou, temporal_consistency
-from .render import CLASSES, PALETTE, Clip, render_image, render_video
+from .render import CAMERAS, CLASSES, PALETTE, Camera, Clip, render_image, render_video
 
-__all__ = ["CLASSES", "PALETTE", "Clip", "render_image", "render_video", "confusion", "miou",
+__all__ = ["CAMERAS", "CLASSES", "PALETTE", "Camera", "Clip", "render_image", "render_video", "confusion", "miou",
            "temporal_consistency", "estimate_flow", "train_demo"]
 
 

@@ -26,6 +26,28 @@ Appearance. Lighting multiplies the albedo by a slowly varying global gain and a
 gradient; sensor noise is fresh Gaussian noise per frame (a per-frame segmenter therefore flickers a
 little, which temporal smoothing can remove). Each object class has its own shape and its own colour
 family and texture, each randomly varied per object; backgrounds are dark and desaturated.
+
+Camera. The ``camera`` argument of ``render_video`` / ``render_image`` says how the scene is imaged
+(a ``Camera``; the named ones are in ``CAMERAS``). It changes the pixels only, never the scene, the
+labels, the flow or ``valid``.
+
+* ``"standard"`` (the default, and the training data of the shipped model): the scene's own sensor
+  noise, std drawn per scene in [2, 6] grey levels. On frames this clean a per-frame segmenter hardly
+  flickers (the shipped model's temporal consistency is about 96 %), so there is little for temporal
+  smoothing to fix.
+* ``"low-light"``: a cheap camera at high gain in a dim scene (indoors at night). Amplifying a dim
+  signal back to normal brightness amplifies the sensor noise with it, and in-camera noise reduction
+  removes the finest grain but leaves coarse colour blotches. Modelled as three per-frame terms, fresh
+  every frame: fine grain, Gaussian of std ``noise_std`` per pixel and channel; colour blotches, a
+  Gaussian field of std ``blotch_std`` per channel, smooth over about ``blotch_size`` pixels (white
+  noise on a grid ``blotch_size`` times coarser, upsampled bicubically); and exposure flicker (auto
+  exposure hunting, mains-powered lamps), each frame's brightness multiplied by
+  ``1 + flicker * z_t`` with z_t standard normal. This is the camera of ``deconvseg-fast video --demo``:
+  the shipped model, trained on the standard camera, flickers badly under it, which is what a temporal
+  CRF is for.
+
+Deterministic: each term of frame t comes from its own generator seeded by ``(seed, t)``; the fine
+grain is the same unit field for every camera, scaled by its std.
 """
 from __future__ import annotations
 
@@ -64,6 +86,53 @@ def _one_thread():
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _check_unit_range(value, name: str, low: float, high: float) -> float:
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+            or not low <= value <= high):
+        raise ValueError(f"{name} must be a number in [{low:g}, {high:g}], got {value!r}")
+    return float(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Camera:
+    """How a scene is imaged (module docstring, "Camera"). All noise is fresh every frame.
+
+    ``noise_std``: std of the fine-grain Gaussian noise per pixel and channel, in grey levels (0..255);
+    None: the scene's own (drawn in [2, 6]). ``blotch_std``: std of the coarse colour noise per channel,
+    grey levels (0: none). ``blotch_size``: its grain in pixels (an int >= 2). ``flicker``: relative std
+    of the per-frame exposure gain (0: none; z_t is clipped to +-3)."""
+    noise_std: float | None = None
+    blotch_std: float = 0.0
+    blotch_size: int = 8
+    flicker: float = 0.0
+
+    def __post_init__(self):
+        if self.noise_std is not None:
+            _check_unit_range(self.noise_std, "noise_std", 0.0, 255.0)
+        _check_unit_range(self.blotch_std, "blotch_std", 0.0, 255.0)
+        if isinstance(self.blotch_size, bool) or not isinstance(self.blotch_size, numbers.Integral) \
+                or self.blotch_size < 2:
+            raise ValueError(f"blotch_size must be an int >= 2, got {self.blotch_size!r}")
+        _check_unit_range(self.flicker, "flicker", 0.0, 0.3)
+
+
+# "low-light" is the video demo's camera (module docstring). Under it the shipped model's per-frame
+# mIoU on the demo clip (seed 0) falls from 93.5 % to 47.3 % and its temporal consistency from 95.7 %
+# to 36.9 % (BENCHMARKS.md, "Video").
+CAMERAS: dict[str, Camera] = {
+    "standard": Camera(),
+    "low-light": Camera(noise_std=15.0, blotch_std=30.0, blotch_size=16, flicker=0.05),
+}
+
+
+def _check_camera(camera) -> Camera:
+    if isinstance(camera, Camera):
+        return camera
+    if isinstance(camera, str) and camera in CAMERAS:
+        return CAMERAS[camera]
+    raise ValueError(f"camera must be one of {sorted(CAMERAS)} or a Camera, got {camera!r}")
 
 
 @dataclasses.dataclass
@@ -304,13 +373,14 @@ class _Scene:
         return flow
 
     # -- one frame ------------------------------------------------------------------------------------
-    def render(self, t: int, with_flow: bool, noise: bool = True):
+    def render(self, t: int, with_flow: bool, noise: bool = True, camera: Camera = CAMERAS["standard"]):
         """Frame t: image uint8 [H, W, 3], labels uint8 [H, W], owner int16 [H, W] (0: background,
-        i + 1: object i) and, if ``with_flow``, the forward flow float32 [H, W, 2] to frame t + 1."""
+        i + 1: object i) and, if ``with_flow``, the forward flow float32 [H, W, 2] to frame t + 1.
+        ``camera`` changes the image only."""
         with _one_thread():
-            return self._render(t, with_flow, noise)
+            return self._render(t, with_flow, noise, camera)
 
-    def _render(self, t: int, with_flow: bool, noise: bool):
+    def _render(self, t: int, with_flow: bool, noise: bool, camera: Camera):
         H, W = self.H, self.W
         albedo = self._background(t)
         labels = np.zeros((H, W), dtype=np.uint8)
@@ -345,11 +415,31 @@ class _Scene:
                 flow[y0 + yy, x0 + xx, 0] = px - (x0 + xx)
                 flow[y0 + yy, x0 + xx, 1] = py - (y0 + yy)
         img = albedo * self.lighting(t)[..., None]
+        if camera.flicker:
+            z = float(torch.randn((), generator=self._generator(t, 1)).clamp(-3.0, 3.0))
+            img *= np.float32(1.0 + camera.flicker * z)
         if noise:
+            std = self.noise if camera.noise_std is None else camera.noise_std
             g = torch.Generator().manual_seed((self.seed * 1_000_003 + t) % (1 << 63))
-            img += torch.randn((H, W, 3), generator=g).numpy() * np.float32(self.noise)
+            img += torch.randn((H, W, 3), generator=g).numpy() * np.float32(std)
+            if camera.blotch_std:
+                img += self._blotches(t, camera.blotch_size) * np.float32(camera.blotch_std)
         img = np.clip(img + 0.5, 0, 255).astype(np.uint8)
         return img, labels, owner, flow
+
+    def _generator(self, t: int, stream: int) -> torch.Generator:
+        # Streams other than the fine grain's (which keeps its historical seed).
+        return torch.Generator().manual_seed((self.seed * 1_000_033 + t * 7919 + stream * 104_729) % (1 << 63))
+
+    def _blotches(self, t: int, size: int) -> np.ndarray:
+        """Smooth colour noise [H, W, 3] of unit std (the frame's sample std), grain ``size`` pixels."""
+        H, W = self.H, self.W
+        h, w = -(-H // size) + 3, -(-W // size) + 3
+        coarse = torch.randn((1, 3, h, w), generator=self._generator(t, 2))
+        field = TF.interpolate(coarse, scale_factor=size, mode="bicubic", align_corners=False)
+        field = field[0, :, size:size + H, size:size + W]
+        field = field / (field.std(correction=0) + 1e-6)
+        return field.permute(1, 2, 0).numpy()
 
 
 def _forward_valid(flow: np.ndarray, owner0: np.ndarray, owner1: np.ndarray) -> np.ndarray:
@@ -362,29 +452,37 @@ def _forward_valid(flow: np.ndarray, owner0: np.ndarray, owner1: np.ndarray) -> 
 
 
 def render_image(seed: int, height: int = 360, width: int = 480, *, scale: float | None = None,
-                 noise: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                 noise: bool = True, camera: str | Camera = "standard") -> tuple[np.ndarray, np.ndarray]:
     """One still scene: ``(image uint8 [H, W, 3], labels uint8 [H, W])``, deterministic for ``seed``.
 
     ``scale``: size of objects and textures relative to a 360-pixel-high frame (default
     ``min(height, width) / 360``: the same scene layout at any resolution). A 180x240 image with
-    ``scale=1.0`` looks like a crop of a 360x480 one. ``noise=False`` leaves out the sensor noise."""
+    ``scale=1.0`` looks like a crop of a 360x480 one. ``noise=False`` leaves out the sensor noise.
+    ``camera``: "standard", "low-light" or a ``Camera`` (module docstring, "Camera")."""
     seed = _check_seed(seed)
+    camera = _check_camera(camera)
     height = _check_int(height, "height", 1)
     width = _check_int(width, "width", 1)
     if scale is not None and not (isinstance(scale, numbers.Real) and scale > 0):
         raise ValueError(f"scale must be a positive number or None, got {scale!r}")
     with _one_thread():
-        img, labels, _, _ = _Scene(seed, 1, height, width, scale).render(0, False, noise)
+        img, labels, _, _ = _Scene(seed, 1, height, width, scale).render(0, False, noise, camera)
     return img, labels
 
 
 def render_video(seed: int, frames: int, height: int = 360, width: int = 480,
-                 fps: Fraction = Fraction(30000, 1001), *, noise: bool = True, lighting: bool = True) -> Clip:
+                 fps: Fraction = Fraction(30000, 1001), *, noise: bool = True, lighting: bool = True,
+                 camera: str | Camera = "standard") -> Clip:
     """A clip of ``frames`` frames with exact labels, forward flow and flow validity (``Clip``).
 
     Deterministic for ``seed``. ``noise=False`` leaves out the sensor noise and ``lighting=False``
-    holds the lighting constant (both for checking the flow against the pixels)."""
+    holds the lighting constant, the camera's gain flicker included (both for checking the flow
+    against the pixels). ``camera``: "standard" (the default, the shipped model's training data),
+    "low-light" (strong per-frame sensor noise, colour blotches and exposure flicker: the video
+    demo's camera) or a ``Camera``; see the module docstring. The camera changes the frames only:
+    labels, flow and valid are those of the standard camera for the same seed."""
     seed = _check_seed(seed)
+    camera = _check_camera(camera)
     frames = _check_int(frames, "frames", 1)
     height = _check_int(height, "height", 1)
     width = _check_int(width, "width", 1)
@@ -395,14 +493,15 @@ def render_video(seed: int, frames: int, height: int = 360, width: int = 480,
     if fps <= 0:
         raise ValueError(f"fps must be positive, got {fps}")
     with _one_thread():
-        return _render_clip(seed, frames, height, width, fps, noise, lighting)
+        return _render_clip(seed, frames, height, width, fps, noise, lighting, camera)
 
 
-def _render_clip(seed, frames, height, width, fps, noise, lighting) -> Clip:
+def _render_clip(seed, frames, height, width, fps, noise, lighting, camera) -> Clip:
     scene = _Scene(seed, frames, height, width)
     if not lighting:
         scene.gain_amp = 0.0
         scene.grad_turn = 0.0
+        camera = dataclasses.replace(camera, flicker=0.0)
     T, H, W = frames, height, width
     out = np.empty((T, H, W, 3), dtype=np.uint8)
     labels = np.empty((T, H, W), dtype=np.uint8)
@@ -410,7 +509,7 @@ def _render_clip(seed, frames, height, width, fps, noise, lighting) -> Clip:
     valid = np.empty((max(T - 1, 0), H, W), dtype=bool)
     prev_owner = None
     for t in range(T):
-        img, lab, owner, f = scene.render(t, t < T - 1, noise)
+        img, lab, owner, f = scene.render(t, t < T - 1, noise, camera)
         out[t], labels[t] = img, lab
         if f is not None:
             flow[t] = f
