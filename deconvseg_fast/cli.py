@@ -169,7 +169,7 @@ def _cmd_video(args: argparse.Namespace) -> int:
 
 
 def _cmd_video_demo(args: argparse.Namespace) -> int:
-    from .video.demo import format_demo, run_demo
+    from .video.demo import DEMO_CAMERA, format_demo, run_demo
     from .video.io import VideoError
 
     _size(args)
@@ -177,7 +177,7 @@ def _cmd_video_demo(args: argparse.Namespace) -> int:
     try:
         results = run_demo(args.output or "demo_segmented.mp4", seed=args.seed, frames=args.max_frames or 30,
                            height=size[0], width=size[1], model=args.model, weights=args.weights,
-                           camera=args.camera or "low-light", crf_iterations=args.crf_iterations,
+                           camera=args.camera or DEMO_CAMERA, crf_iterations=args.crf_iterations,
                            temporal_window=args.temporal_window or 5,
                            batch=args.batch, device=args.device, half=args.half, alpha=args.alpha,
                            progress=not args.quiet and sys.stderr.isatty(), warn=_warn)

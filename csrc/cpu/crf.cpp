@@ -645,6 +645,13 @@ Tensor permutohedral_splat_blur_cpu(const Tensor& values, const std::optional<Te
   return splat_blur_impl<float>(values, scale.defined() ? scale.const_data_ptr<float>() : nullptr, L, reverse);
 }
 
+// 2^f for f in [-0.5, 0.5]: the degree-6 polynomial's coefficients, highest power first. Shared by
+// exp_approx and its AVX-512 versions, which evaluate it in the same order (so the same bits).
+constexpr int kExp2Degree = 6;
+constexpr float kExp2Poly[kExp2Degree + 1] = {1.5403530393381606e-4f, 1.3333558146428443e-3f,
+                                              9.6181291076284772e-3f, 5.5504108664821580e-2f,
+                                              2.4022650695910071e-1f, 6.9314718055994531e-1f, 1.0f};
+
 // exp for the softmax, vectorisable: 2^(x log2 e) split into 2^n * 2^f, f in [-0.5, 0.5], with a
 // degree-6 polynomial for 2^f (relative error < 2e-7, about the rounding of float32 itself).
 inline float exp_approx(float x) {
@@ -652,13 +659,8 @@ inline float exp_approx(float x) {
   const float y = x * 1.44269504088896341f;
   const float n = std::nearbyint(y);
   const float f = y - n;
-  float p = 1.5403530393381606e-4f;
-  p = p * f + 1.3333558146428443e-3f;
-  p = p * f + 9.6181291076284772e-3f;
-  p = p * f + 5.5504108664821580e-2f;
-  p = p * f + 2.4022650695910071e-1f;
-  p = p * f + 6.9314718055994531e-1f;
-  p = p * f + 1.0f;
+  float p = kExp2Poly[0];
+  for (int j = 1; j < kExp2Degree + 1; ++j) p = p * f + kExp2Poly[j];
   int32_t bits;
   std::memcpy(&bits, &p, sizeof(bits));
   bits += static_cast<int32_t>(n) << 23;
@@ -740,13 +742,8 @@ DSF_AVX512 inline __m512 exp_nonpositive_ps(__m512 x) {
   const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
   const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(y, n);
-  __m512 p = _mm512_set1_ps(1.5403530393381606e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558146428443e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291076284772e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+  for (int j = 1; j < kExp2Degree + 1; ++j) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[j]));
   return _mm512_scalef_ps(p, n);
 }
 
@@ -754,13 +751,8 @@ DSF_AVX512 inline __m256 exp_nonpositive_ps(__m256 x) {
   const __m256 y = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
   const __m256 n = _mm256_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(y, n);
-  __m256 p = _mm256_set1_ps(1.5403530393381606e-4f);
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.3333558146428443e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.6181291076284772e-3f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.5504108664821580e-2f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.4022650695910071e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.9314718055994531e-1f));
-  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  __m256 p = _mm256_set1_ps(kExp2Poly[0]);
+  for (int j = 1; j < kExp2Degree + 1; ++j) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly[j]));
   return _mm256_scalef_ps(p, n);
 }
 

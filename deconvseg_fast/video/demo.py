@@ -54,8 +54,6 @@ def describe_camera(camera: str) -> str:
     from ..scenes.render import CAMERAS
 
     c = CAMERAS[camera]
-    if c.noise_std is None and not c.blotch_std and not c.flicker:
-        return f"{camera} camera (sensor noise std 2-6)"
     parts = [f"sensor noise std {c.noise_std:g}" if c.noise_std is not None else "sensor noise std 2-6"]
     if c.blotch_std:
         parts.append(f"colour blotches std {c.blotch_std:g} over {c.blotch_size} px")
