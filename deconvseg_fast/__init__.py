@@ -6,6 +6,6 @@
 from . import ops  # noqa: F401  (loads the compiled ops; raises with build instructions if missing)
 from . import functional, nn  # noqa: F401
 from . import models  # noqa: F401
-from .models import convert, fuse_conv_bn  # noqa: F401
+from .models import convert, freeze, fuse_conv_bn  # noqa: F401
 
 __version__ = "0.1.0"

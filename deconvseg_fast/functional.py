@@ -510,6 +510,18 @@ def _same_padding(weight: torch.Tensor, stride, dilation) -> tuple[list[int], li
     return sym, extra
 
 
+def pack_conv_weight(weight: torch.Tensor, stride=1, padding=0, dilation=1, *, input_size=None) -> torch.Tensor:
+    """``weight`` reordered once for oneDNN (CPU, float32/bfloat16): pass the result to
+    ``atrous_conv2d`` as its ``weight``, with the same stride, padding and dilation, and the CPU
+    convolution skips the weight reorder it otherwise repeats on every call (the ReLU then runs as
+    oneDNN's post-op). ``input_size`` ``[N, C_in, H, W]``, when known, lets oneDNN pick the layout
+    for that input. The packed weight is an inference-only copy: no gradients flow through it and
+    later changes to ``weight`` are not seen. ``deconvseg_fast.freeze(model)`` does this for
+    every convolution of a model; results agree with ``F.conv2d`` to float rounding.
+    """
+    return _conv.pack_weight(weight, stride, padding, dilation, input_size=input_size)
+
+
 def atrous_conv2d(
     input: torch.Tensor,
     weight: torch.Tensor,

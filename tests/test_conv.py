@@ -297,3 +297,133 @@ def test_module_bad_arguments():
         AtrousConv2d.from_conv(torch.nn.Conv2d(4, 4, 3), torch.nn.BatchNorm2d(4, track_running_stats=False))
     with pytest.raises(ValueError, match=r"scale must be a tensor of shape \[4\]"):
         AtrousConv2d(4, 4, 3).set_folded_batch_norm(torch.ones(3), None)
+
+
+# ---- packed (frozen) weights ---------------------------------------------------------------------
+# A packed weight runs oneDNN's mkldnn::_convolution_pointwise instead of at::convolution: oneDNN
+# may pick another kernel, so the oracle is F.conv2d to float32 rounding, not bit for bit.
+PACKED_TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape,c_out,k,s,p,d", GEOMETRIES)
+def test_packed_weight_matches_torch(shape, c_out, k, s, p, d, layout):
+    x, w, b = make(shape, c_out, k, layout=layout)
+    scale, shift = bn_params(c_out)
+    with torch.no_grad():
+        for size in (None, x.shape):
+            packed = F.pack_conv_weight(w, s, p, d, input_size=size)
+            assert packed.is_mkldnn and packed.shape == w.shape
+            for act in (None, "relu"):
+                y = F.atrous_conv2d(x, packed, b, s, p, d, activation=act)
+                ref = TF.conv2d(x, w, b, s, p, d)
+                torch.testing.assert_close(y, TF.relu(ref) if act else ref, **PACKED_TOL)
+                # the output takes the input's memory format (the fake kernel says the same)
+                fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+                assert y.is_contiguous(memory_format=fmt)
+            y = F.atrous_conv2d(x, packed, b, s, p, d, activation="relu", scale=scale, shift=shift)
+            ref = TF.relu(TF.conv2d(x, w, b, s, p, d) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1))
+            torch.testing.assert_close(y, ref, **PACKED_TOL)
+
+
+def test_packed_weight_bfloat16_and_fake():
+    x, w, b = make((1, 4, 9, 10), 6, 3, dtype=torch.bfloat16, layout="channels_last")
+    with torch.no_grad():
+        packed = F.pack_conv_weight(w, 1, 2, 2)
+        y = F.atrous_conv2d(x, packed, b, 1, 2, 2, activation="relu")
+        ref = TF.relu(TF.conv2d(x.float(), w.float(), b.float(), 1, 2, 2))
+        torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    mode = FakeTensorMode()
+    fx, fp, fb = (mode.from_tensor(t) for t in (x, packed, b))
+    with mode:
+        out = op(fx, fp, fb, None, None, [1, 1], [2, 2], [2, 2], "relu")
+    assert out.shape == y.shape and out.stride() == y.stride()
+
+
+def test_packed_weight_bad_input():
+    x, w, b = make((1, 3, 8, 8), 4, 3)
+    packed = F.pack_conv_weight(w, 1, 1, 1)
+    with pytest.raises(ValueError, match="packed weight, which is for inference only"):
+        F.atrous_conv2d(x.requires_grad_(), packed, b, 1, 1, 1)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match="weight must have the dtype of input"):
+            F.atrous_conv2d(x.double(), packed, b.double(), 1, 1, 1)
+    with pytest.raises(ValueError, match="weight must be float32 or bfloat16 to be packed"):
+        F.pack_conv_weight(w.double())
+    with pytest.raises(ValueError, match="weight must be a non-empty 4-D"):
+        F.pack_conv_weight(w[0])
+    with pytest.raises(ValueError, match=r"input_size must be \[N, C_in=3, H, W\]"):
+        F.pack_conv_weight(w, input_size=(1, 5, 8, 8))
+
+
+def _frozen_pair(layout="channels_last"):
+    torch.manual_seed(0)
+    conv = AtrousConv2d(5, 7, 3, padding=2, dilation=2, activation="relu").eval()
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.randn(2, 5, 11, 12).contiguous(memory_format=fmt)
+    return conv, x
+
+
+def test_freeze_packs_channels_last_inference_only():
+    conv, x = _frozen_pair()
+    with torch.no_grad():
+        plain = conv(x)
+        assert conv.packed_weight(x) is None  # not frozen
+        assert deconvseg_fast.freeze(conv) is conv and not conv.training
+        assert conv.packed_weight(x) is not None
+        torch.testing.assert_close(conv(x), plain, **PACKED_TOL)
+        # NCHW activations keep the plain weight (oneDNN's packed path answers NHWC there)
+        assert conv.packed_weight(x.contiguous()) is None
+    # gradients asked for: the plain weight, and the result is differentiable
+    assert conv.packed_weight(x) is None
+    conv(x.requires_grad_()).sum().backward()
+    assert x.grad is not None
+    # train() drops the pack; freezing again brings it back
+    conv.train()
+    assert conv._pack is None
+    deconvseg_fast.freeze(conv)
+    with torch.no_grad():
+        assert conv.packed_weight(x) is not None
+
+
+def test_freeze_follows_tracked_weight_changes():
+    conv, x = _frozen_pair()
+    deconvseg_fast.freeze(conv)
+    with torch.no_grad():
+        before = conv(x)
+        first = conv.packed_weight(x)
+        assert conv.packed_weight(x) is first  # cached per input size
+        conv.weight.mul_(2)  # an in-place change torch tracks: repacked
+        assert conv.packed_weight(x) is not first
+        torch.testing.assert_close(conv(x), TF.relu(TF.conv2d(x, conv.weight, conv.bias, 1, 2, 2)), **PACKED_TOL)
+        other = AtrousConv2d(5, 7, 3, padding=2, dilation=2, activation="relu")
+        conv.load_state_dict(other.state_dict())
+        torch.testing.assert_close(conv(x), TF.relu(TF.conv2d(x, other.weight, other.bias, 1, 2, 2)), **PACKED_TOL)
+        assert not torch.allclose(conv(x), before)
+        # another input size gets its own pack
+        x2 = torch.randn(1, 5, 9, 9).contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(conv(x2), TF.relu(TF.conv2d(x2, conv.weight, conv.bias, 1, 2, 2)), **PACKED_TOL)
+
+
+def test_frozen_module_copies_and_saves_without_its_pack(tmp_path):
+    import copy
+    conv, x = _frozen_pair()
+    deconvseg_fast.freeze(conv)
+    with torch.no_grad():
+        conv(x)
+    assert conv._pack.packs
+    twin = copy.deepcopy(conv)
+    assert twin._pack is None
+    torch.save(conv, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    assert loaded._pack is None and set(conv.state_dict()) == {"weight", "bias"}
+    conv.to(torch.float64)  # a dtype move drops the pack; float64 runs the plain path
+    assert conv._pack is None
+    with torch.no_grad():
+        conv(x.double())
+
+
+def test_freeze_bad_argument():
+    with pytest.raises(TypeError, match="model must be an nn.Module"):
+        deconvseg_fast.freeze("model")

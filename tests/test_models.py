@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import deconvseg_fast
 from deconvseg_fast import functional as F
 from deconvseg_fast import models as M
 from deconvseg_fast.nn import AtrousConv2d, MaxPool2d, MaxUnpool2d
@@ -61,6 +62,22 @@ def test_model_matches_twin(name, classes, shape):
     assert y.shape == (shape[0], classes, shape[2], shape[3])
     assert ref.abs().max() > 1e-3  # the comparison is not between two zero maps
     torch.testing.assert_close(y, ref, **TOL)
+
+
+@pytest.mark.parametrize("name,classes,shape", CASES, ids=[c[0] for c in CASES])
+def test_frozen_model_matches_twin(name, classes, shape):
+    """deconvseg_fast.freeze: every convolution (DeconvNet's flipped deconvolutions included) runs
+    its packed weight, and the output still matches the twin; train() goes back to plain weights."""
+    ours, twin = pair(name, classes)
+    x = torch.randn(shape)
+    deconvseg_fast.freeze(ours)
+    with torch.no_grad():
+        y, ref = ours(x), twin(x)
+    packs = [m for m in ours.modules() if getattr(m, "_pack", None) is not None and m._pack.packs]
+    assert packs or name == "fcn8s"  # FCN-8s runs NCHW activations, which keep the plain weights
+    torch.testing.assert_close(y, ref, **TOL)
+    ours.train()
+    assert all(getattr(m, "_pack", None) is None for m in ours.modules())
 
 
 def test_models_use_our_modules():

@@ -11,9 +11,18 @@
 //    three times and allocates two extra tensors.
 // The output therefore has exactly the strides at::convolution gives (NCHW, or channels_last when
 // the input or weight suggests it -- torch's rule), which is what register_fake reproduces.
+//
+// A packed weight (an MKLDNN-layout tensor from deconvseg_fast.functional.pack_conv_weight, what
+// deconvseg_fast.freeze() stores in each convolution for inference) skips oneDNN's weight reorder,
+// which at::convolution repeats on every call: the convolution is then oneDNN's
+// mkldnn::_convolution_pointwise (Inductor's CPU convolution) with the ReLU as its post-op when
+// there is no scale/shift, so the output is written once. The output takes the input's memory
+// format (suggest_memory_format); oneDNN may pick a different kernel than for the plain weight, so results agree with
+// F.conv2d to rounding rather than bit for bit.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -178,6 +187,37 @@ void check_channel_vector(const c10::optional<Tensor>& v, const char* name, cons
   TORCH_CHECK_VALUE(v->device() == input.device(), name, " must be on ", input.device(), ", got ", v->device());
 }
 
+// oneDNN's convolution with a prepacked weight and an optional fused ReLU. Called through the
+// dispatcher (boxed, so the exact C++ signature of the op -- which has changed between torch
+// releases -- does not matter); the op is registered whenever torch is built with oneDNN.
+Tensor convolution_pointwise(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
+                             at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                             bool relu) {
+  static const c10::OperatorHandle op = [] {
+    auto handle = c10::Dispatcher::singleton().findSchema({"mkldnn::_convolution_pointwise", ""});
+    TORCH_CHECK(handle.has_value(), "weight: packed weights need torch's oneDNN convolution "
+                "(mkldnn::_convolution_pointwise), which this torch build does not have");
+    return *handle;
+  }();
+  torch::jit::Stack stack;
+  stack.reserve(10);
+  stack.emplace_back(input.contiguous(input.suggest_memory_format()));
+  stack.emplace_back(weight);
+  stack.emplace_back(bias.has_value() && bias->defined() ? c10::IValue(*bias) : c10::IValue());
+  stack.emplace_back(padding.vec());
+  stack.emplace_back(stride.vec());
+  stack.emplace_back(dilation.vec());
+  stack.emplace_back(int64_t(1));
+  stack.emplace_back(std::string(relu ? "relu" : "none"));
+  stack.emplace_back(c10::List<c10::optional<at::Scalar>>());
+  stack.emplace_back(c10::IValue());
+  op.callBoxed(&stack);
+  // oneDNN sometimes answers channels_last for an NCHW input; the contract is the input's format.
+  const auto format = input.suggest_memory_format();
+  Tensor y = stack.back().toTensor();
+  return y.is_contiguous(format) ? y : y.contiguous(format);
+}
+
 bool parse_activation(c10::string_view activation) {
   if (activation == "relu") return true;
   TORCH_CHECK_VALUE(activation == "none", "activation must be 'none' or 'relu', got '", std::string(activation),
@@ -219,10 +259,20 @@ Tensor atrous_conv2d_cpu(const Tensor& input, const Tensor& weight, const c10::o
                       padding[d], " in dim ", 2 + d);
   }
 
-  Tensor y = at::convolution(input, weight, bias, stride, padding, dilation, /*transposed=*/false,
-                             /*output_padding=*/{0, 0}, /*groups=*/1);
   const bool has_scale = scale.has_value() && scale->defined();
   const bool has_shift = shift.has_value() && shift->defined();
+  Tensor y;
+  if (weight.is_mkldnn()) {
+    TORCH_CHECK_VALUE(st == at::kFloat || st == at::kBFloat16,
+                      "a packed weight needs a float32 or bfloat16 input, got ", st);
+    TORCH_CHECK_VALUE(!input.is_mkldnn(), "input must be a dense (strided) tensor, got an MKLDNN tensor");
+    const bool fuse_relu = relu && !has_scale && !has_shift;
+    y = convolution_pointwise(input, weight, bias, stride, padding, dilation, fuse_relu);
+    if (fuse_relu || (!has_scale && !has_shift)) return y;
+  } else {
+    y = at::convolution(input, weight, bias, stride, padding, dilation, /*transposed=*/false,
+                        /*output_padding=*/{0, 0}, /*groups=*/1);
+  }
   if ((!has_scale && !has_shift && !relu) || y.numel() == 0) return y;
   // at::convolution returns NCHW or channels_last; anything else would be a torch change, so fall
   // back to making it contiguous (the epilogue then still runs in one pass).
@@ -242,5 +292,10 @@ Tensor atrous_conv2d_cpu(const Tensor& input, const Tensor& weight, const c10::o
 }  // namespace deconvseg
 
 TORCH_LIBRARY_IMPL(deconvseg, CPU, m) {
+  m.impl("atrous_conv2d", &deconvseg::atrous_conv2d_cpu);
+}
+
+// A packed (MKLDNN-layout) weight puts the call under the MkldnnCPU key; the same kernel serves it.
+TORCH_LIBRARY_IMPL(deconvseg, MkldnnCPU, m) {
   m.impl("atrous_conv2d", &deconvseg::atrous_conv2d_cpu);
 }

@@ -6,7 +6,7 @@ Networks (``width`` multiplies every channel count; 1.0 is the published archite
 same state_dict keys are in ``deconvseg_fast.reference.models``.
 """
 from .compact import CompactSegNet, compact_segnet
-from .convert import convert, fuse_conv_bn
+from .convert import convert, freeze, fuse_conv_bn
 from .deconvnet import DeconvNet, EDeconvNet, crop_proposals, deconvnet, edeconvnet
 from .decouplednet import DecoupledNet, decouplednet
 from .deeplab import DeepLabLargeFOV, DeepLabLargeFOVCRF, deeplab_largefov, deeplab_largefov_crf
@@ -15,7 +15,7 @@ from .segnet import SegNet, segnet
 from .weights import load_checkpoint, load_vgg16, save_checkpoint
 
 __all__ = [
-    "convert", "fuse_conv_bn", "load_vgg16", "save_checkpoint", "load_checkpoint", "crop_proposals",
+    "convert", "freeze", "fuse_conv_bn", "load_vgg16", "save_checkpoint", "load_checkpoint", "crop_proposals",
     "segnet", "deconvnet", "deeplab_largefov", "deeplab_largefov_crf", "fcn8s", "edeconvnet", "decouplednet",
     "compact_segnet", "CompactSegNet",
     "SegNet", "DeconvNet", "DeepLabLargeFOV", "DeepLabLargeFOVCRF", "FCN8s", "EDeconvNet", "DecoupledNet",

@@ -22,6 +22,7 @@ import torch.nn.functional as TF
 
 from .. import functional as F
 from ..nn import AtrousConv2d, MaxPool2d, MaxUnpool2d
+from ..nn.conv import FreezableMixin, PackedWeight
 
 
 def channels(c: int, width: float) -> int:
@@ -62,7 +63,7 @@ def fold_bn(bn: torch.nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, shift
 
 
-class ConvBlock(torch.nn.Module):
+class ConvBlock(FreezableMixin, torch.nn.Module):
     """conv (k x k, stride 1) [-> BatchNorm2d] [-> ReLU]; see the module docstring."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, padding: int = 1,
@@ -78,7 +79,6 @@ class ConvBlock(torch.nn.Module):
         self.bn = torch.nn.BatchNorm2d(out_channels) if bn else None
         self.relu = relu
         self.transposed = transposed
-        self._flipped = None  # (weight identity and version, transposed-and-flipped copy)
 
     def _as_conv(self) -> bool:
         # A stride-1 transposed convolution is a convolution with padding d (k - 1) - p. That is the
@@ -87,24 +87,42 @@ class ConvBlock(torch.nn.Module):
         c = self.conv
         return not self.transposed or all(d * (k - 1) - p <= p for d, k, p in zip(c.dilation, c.kernel_size, c.padding))
 
-    def _flipped_weight(self) -> torch.Tensor:
-        w = self.conv.weight
-        if torch.is_grad_enabled() and w.requires_grad:
-            return w.transpose(0, 1).flip(-2, -1)
-        key = (w.data_ptr(), w._version)  # inference: rearrange once, not on every call
-        if self._flipped is None or self._flipped[0] != key:
-            fmt = torch.channels_last if w.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-            self._flipped = (key, w.detach().transpose(0, 1).flip(-2, -1).contiguous(memory_format=fmt))
-        return self._flipped[1]
+    @staticmethod
+    def _flip(w: torch.Tensor) -> torch.Tensor:
+        """[C_in, C_out, k, k] -> [C_out, C_in, k, k] flipped in space, in ``w``'s memory format."""
+        if w.is_contiguous() or not w.is_contiguous(memory_format=torch.channels_last):
+            return w.transpose(0, 1).flip(-2, -1).contiguous()
+        # channels_last memory is [C_in][kh kw][C_out]: flipping both spatial axes reverses the middle
+        # index, then one transpose gives [C_out][kh kw][C_in] -- twice as fast as flip + contiguous.
+        ci, co, kh, kw = w.shape
+        m = w.permute(0, 2, 3, 1).reshape(ci, kh * kw, co).flip(1)
+        return m.permute(2, 1, 0).contiguous().view(co, kh, kw, ci).permute(0, 3, 1, 2)
 
-    def _conv_args(self):
+    def pack_weights(self) -> "ConvBlock":
+        """For ``deconvseg_fast.freeze``: a transposed block packs its transposed-and-flipped
+        weight (the plain blocks' AtrousConv2d packs its own)."""
+        if self.transposed and self._as_conv():
+            c = self.conv
+            self._pack = PackedWeight(c.stride, self._conv_padding(), c.dilation)
+        return self
+
+    def _conv_padding(self):
         c = self.conv
-        w = c.weight
-        pad = c.padding
-        if self.transposed:
-            w = self._flipped_weight()
-            pad = tuple(d * (k - 1) - p for d, k, p in zip(c.dilation, c.kernel_size, c.padding))
-        return w, c.bias, c.stride, pad, c.dilation
+        if not self.transposed:
+            return c.padding
+        return tuple(d * (k - 1) - p for d, k, p in zip(c.dilation, c.kernel_size, c.padding))
+
+    def _conv_args(self, x: torch.Tensor):
+        c = self.conv
+        if not self.transposed:
+            w = c.packed_weight(x)
+        elif self._pack is not None and not self.training:
+            w = self._pack.get(c.weight, lambda: self._flip(c.weight.detach()), x, c.weight, c.bias)
+        else:
+            w = None
+        if w is None:
+            w = self._flip(c.weight) if self.transposed else c.weight
+        return w, c.bias, c.stride, self._conv_padding(), c.dilation
 
     def _transposed_forward(self, x: torch.Tensor) -> torch.Tensor:
         c = self.conv
@@ -118,7 +136,7 @@ class ConvBlock(torch.nn.Module):
             return self.conv(x)
         if not self._as_conv():
             return self._transposed_forward(x)
-        w, b, stride, pad, dil = self._conv_args()
+        w, b, stride, pad, dil = self._conv_args(x)
         if self.bn is None:
             return atrous(x, w, b, stride, pad, dil, self.relu)
         if not self.training:

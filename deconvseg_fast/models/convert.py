@@ -144,3 +144,25 @@ def convert(model: nn.Module, *, inplace: bool = False, index_format: str = "fla
         return new
     _walk(model, index_format, fuse)
     return model
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Prepare ``model`` for CPU inference, in place: eval mode, and every deconvseg_fast
+    convolution (``AtrousConv2d``, the seed networks' blocks) reorders its weight for oneDNN once
+    instead of on every call. Returns ``model``.
+
+    The packed weights are used for float32/bfloat16 CPU calls that need no gradient (under
+    ``torch.no_grad()`` / ``torch.inference_mode()``); anything else runs the plain weights.
+    ``model.train()`` drops them; an in-place change torch tracks (``load_state_dict``, an
+    optimizer step, ``weight.copy_``) repacks on the next call; a write it does not track (through
+    ``.data`` or a NumPy view) is not seen -- call ``freeze`` again after one. Packed weights are
+    never saved, copied or pickled, and GPU models are unaffected.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    model.eval()
+    for m in model.modules():
+        pack = getattr(m, "pack_weights", None)
+        if callable(pack):
+            pack()
+    return model

@@ -6,7 +6,8 @@ then a 3x3 s1 p1 average pool (Caffe's, which counts the padding); fc6: 3x3, 102
 12, pad 12, ReLU, dropout; fc7: 1x1, 1024, ReLU, dropout; fc8: 1x1 to the classes. The stride-8
 logits are upsampled bilinearly to the input size (``align_corners=True``: DeepLab's Interp layer,
 exactly x8 when H = 8k + 1 such as 321 or 513). The pools keep no switches (nothing unpools), so
-they run our max-pool without returning indices; pools round up (Caffe's ``ceil_mode``).
+they run our max-pool without returning indices; pools round up (Caffe's ``ceil_mode``). Weights
+and activations are channels_last (``use_channels_last``), the logits NCHW.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as TF
 
 from ..nn import DenseCRF, MaxPool2d
-from ._layers import ConvBlock, channels, vgg_stages
+from ._layers import ConvBlock, channels, to_channels_last, use_channels_last, vgg_stages
 
 # DeepLab's VOC settings for the CRF (w=3, theta_gamma=3; bilateral theta_alpha 80, theta_beta 13, w 10).
 CRF_SETTINGS = dict(iterations=10, gaussian_sxy=3.0, gaussian_weight=3.0, bilateral_sxy=80.0,
@@ -39,19 +40,20 @@ class DeepLabLargeFOV(torch.nn.Module):
         self.fc7 = ConvBlock(fc, fc, 1, 0, bn=False)
         self.drop7 = torch.nn.Dropout2d(0.5)
         self.fc8 = torch.nn.Conv2d(fc, num_classes, 1)
+        use_channels_last(self)
 
     def vgg_blocks(self) -> list[ConvBlock]:
         return [b for i in range(1, 6) for b in getattr(self, f"conv{i}")]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Stride-8 logits [N, classes, ceil(H/8), ceil(W/8)]."""
-        x = self.pool_s2(self.conv1(x))
+        """Stride-8 logits [N, classes, ceil(H/8), ceil(W/8)] (NCHW; the layers run channels_last)."""
+        x = self.pool_s2(self.conv1(to_channels_last(x)))
         x = self.pool_s2(self.conv2(x))
         x = self.pool_s2(self.conv3(x))
         x = self.pool_s1(self.conv4(x))
         x = self.avgpool(self.pool_s1(self.conv5(x)))
         x = self.drop7(self.fc7(self.drop6(self.fc6(x))))
-        return self.fc8(x)
+        return self.fc8(x).contiguous()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.features(x)

@@ -11,10 +11,84 @@ from __future__ import annotations
 import torch
 
 from .. import functional as F
-from ..ops.conv import check_activation
+from ..ops.conv import PACKED_DTYPES, check_activation, pack_weight
 
 
-class AtrousConv2d(torch.nn.Conv2d):
+class PackedWeight:
+    """A convolution weight reordered for oneDNN (``deconvseg_fast.functional.pack_conv_weight``),
+    held by a frozen module (``deconvseg_fast.freeze``) for CPU inference.
+
+    ``get(source, make, input, *operands)`` returns the packed weight when it may be used for this
+    call -- CPU float32/bfloat16, no gradient asked for, not under torch.compile -- and ``None``
+    otherwise (the module then runs its plain weight). A pack is made per input size (oneDNN
+    picks the layout for it; the last ``MAX_SIZES`` sizes are kept) from ``make()``, a dense copy
+    of the weight. ``source`` is the parameter the packs come from: when its version counter or
+    storage changes (``load_state_dict``, an optimizer step, any in-place op torch tracks) they
+    are rebuilt. Writes torch does not track (through ``.data`` or a NumPy view) are not seen:
+    that is what freezing means, as in ``torch.jit.freeze``. Packs are never saved, copied or
+    pickled with the module.
+    """
+
+    MAX_SIZES = 4
+
+    def __init__(self, stride, padding, dilation):
+        self.geometry = (tuple(stride), tuple(padding), tuple(dilation))
+        self.key = None
+        self.packs: dict[tuple, torch.Tensor] = {}
+
+    def get(self, source: torch.Tensor, make, input: torch.Tensor, *operands) -> torch.Tensor | None:
+        if source.device.type != "cpu" or source.dtype not in PACKED_DTYPES or input.dtype != source.dtype \
+                or input.dim() != 4 or not torch.backends.mkldnn.is_available() or torch.compiler.is_compiling():
+            return None
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, *operands)):
+            return None
+        if input.is_contiguous() or not input.is_contiguous(memory_format=torch.channels_last):
+            return None  # NCHW: oneDNN's packed convolution answers NHWC and loses the copy back
+        # inference tensors keep no version counter: their packs follow the storage only
+        version = None if source.is_inference() else source._version
+        key = (source.data_ptr(), version, source.dtype, tuple(source.shape))
+        if self.key != key:
+            self.packs.clear()
+            self.key = key
+        size = tuple(input.shape)
+        packed = self.packs.pop(size, None)
+        if packed is None:
+            if len(self.packs) >= self.MAX_SIZES:
+                self.packs.pop(next(iter(self.packs)))
+            stride, padding, dilation = self.geometry
+            packed = pack_weight(make(), stride, padding, dilation, input_size=size)
+        self.packs[size] = packed  # most recently used last
+        return packed
+
+
+class FreezableMixin:
+    """What ``deconvseg_fast.freeze`` needs from a module: ``pack_weights()`` makes ``self._pack``;
+    ``train()``, a device/dtype move and ``load_state_dict`` keep working, and the pack never
+    travels in a copy, a pickle or a state_dict."""
+
+    _pack: PackedWeight | None = None
+
+    def unpack_weights(self):
+        self._pack = None
+        return self
+
+    def train(self, mode: bool = True):
+        if mode:
+            self._pack = None
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._pack = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def __getstate__(self):
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        state = dict(state)
+        state.pop("_pack", None)
+        return state
+
+
+class AtrousConv2d(FreezableMixin, torch.nn.Conv2d):
     """Drop-in for ``nn.Conv2d`` with ``activation=None | "relu"`` fused into the convolution.
 
     ``bn_scale`` / ``bn_shift`` are optional ``[out_channels]`` buffers (``None`` by default, and
@@ -55,8 +129,25 @@ class AtrousConv2d(torch.nn.Conv2d):
             # as nn.Conv2d: pad with the mode first, then convolve without padding
             input = torch.nn.functional.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        return F.atrous_conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation,
+        weight = self.packed_weight(input)
+        if weight is None:
+            weight = self.weight
+        return F.atrous_conv2d(input, weight, self.bias, self.stride, padding, self.dilation,
                                activation=self.activation, scale=self.bn_scale, shift=self.bn_shift)
+
+    def pack_weights(self) -> "AtrousConv2d":
+        """Reorder the weight once for oneDNN; eval-mode CPU float32/bfloat16 calls without
+        gradients then skip the per-call reorder (``deconvseg_fast.freeze`` calls this)."""
+        if isinstance(self.padding, str) or self.padding_mode != "zeros":
+            return self  # padding resolved per call: keep the plain weight
+        self._pack = PackedWeight(self.stride, self.padding, self.dilation)
+        return self
+
+    def packed_weight(self, input: torch.Tensor) -> torch.Tensor | None:
+        """The packed weight this call may use, or None (not frozen, training, gradients, GPU...)."""
+        if self._pack is None or self.training:
+            return None
+        return self._pack.get(self.weight, lambda: self.weight, input, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         extra = super().extra_repr() + f", activation={self.activation!r}"

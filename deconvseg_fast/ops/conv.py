@@ -12,11 +12,13 @@ from __future__ import annotations
 import os
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 from ._common import pair, stride_padding_dilation, triton_kernels
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 ACTIVATIONS = ("none", "relu")
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
 _ops = torch.ops.deconvseg
 
@@ -46,6 +48,45 @@ def _check_vector(v, name: str, c_out: int, device, dtype=None) -> None:
         raise ValueError(f"{name} must be on {device} like input, got {v.device}")
 
 
+def _check_packed(input, weight, bias, scale, shift) -> None:
+    """A packed weight (pack_weight) is for CPU inference: float32/bfloat16 and no gradients."""
+    if input.device.type != "cpu" or input.is_mkldnn:
+        raise ValueError(f"weight is a packed (MKLDNN) weight, which needs a dense CPU input, got {input.device} "
+                         f"{'MKLDNN' if input.is_mkldnn else 'strided'} input")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, bias, scale, shift)):
+        raise ValueError("weight is a packed weight, which is for inference only: run under torch.no_grad() or "
+                         "torch.inference_mode(), or pass the plain weight (a model leaves its packed weights "
+                         "behind in train mode)")
+
+
+def pack_weight(weight: torch.Tensor, stride=1, padding=0, dilation=1, input_size=None) -> torch.Tensor:
+    """``weight`` [C_out, C_in, kH, kW] reordered once into oneDNN's blocked layout for this
+    geometry (an MKLDNN-layout tensor, CPU float32/bfloat16), so that atrous_conv2d on the CPU
+    skips the reorder that every plain-weight call repeats. The result is a copy: later changes
+    to ``weight`` are not seen. Pass it as ``weight`` to atrous_conv2d with the same stride,
+    padding and dilation (others work, but may reorder again). ``input_size`` [N, C_in, H, W] lets
+    oneDNN choose the layout for that input: without it some shapes (1x1 kernels, a kernel as
+    large as its input at batch > 1) get a layout that is reordered back on every call."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 4 or min(weight.shape) == 0:
+        raise ValueError(f"weight must be a non-empty 4-D [C_out, C_in, kH, kW] tensor, got shape {list(weight.shape)}")
+    if weight.device.type != "cpu":
+        raise ValueError(f"weight must be a CPU tensor to be packed (packing is oneDNN's, CPU only), got {weight.device}")
+    if weight.dtype not in PACKED_DTYPES:
+        raise ValueError(f"weight must be float32 or bfloat16 to be packed, got {weight.dtype}")
+    if not torch.backends.mkldnn.is_available():
+        raise RuntimeError("weight: packing needs torch built with oneDNN (torch.backends.mkldnn.is_available())")
+    s, p, d = stride_padding_dilation(stride, padding, dilation)
+    if input_size is not None:
+        input_size = [int(v) for v in input_size]
+        if len(input_size) != 4 or input_size[1] != weight.shape[1] or min(input_size) <= 0:
+            raise ValueError(f"input_size must be [N, C_in={weight.shape[1]}, H, W] with positive sizes, "
+                             f"got {input_size}")
+    dense = weight.detach().contiguous()
+    return torch._C._nn.mkldnn_reorder_conv2d_weight(dense.to_mkldnn(), list(p), list(s), list(d), 1, input_size)
+
+
 def check_args(input, weight, bias, scale, shift, stride, padding, dilation, activation):
     """Validate everything; returns (stride, padding, dilation, activation) normalised."""
     for t, name, what in ((input, "input", "[N, C_in, H, W]"), (weight, "weight", "[C_out, C_in, kH, kW]")):
@@ -66,6 +107,8 @@ def check_args(input, weight, bias, scale, shift, stride, padding, dilation, act
                          f"got weight of shape {list(weight.shape)}")
     if min(weight.shape) == 0:
         raise ValueError(f"weight must be non-empty, got shape {list(weight.shape)}")
+    if weight.is_mkldnn:
+        _check_packed(input, weight, bias, scale, shift)
     c_out = weight.shape[0]
     _check_vector(bias, "bias", c_out, input.device, input.dtype)
     _check_vector(scale, "scale", c_out, input.device)
@@ -93,6 +136,10 @@ def output_hw(input, weight, stride, padding, dilation) -> tuple[int, int]:
 @torch.library.register_fake("deconvseg::atrous_conv2d")
 def _fake(input, weight, bias, scale, shift, stride, padding, dilation, activation):
     s, p, d, _ = check_args(input, weight, bias, scale, shift, stride, padding, dilation, activation)
+    if weight.is_mkldnn:  # a packed weight: the output takes the input's memory format
+        ho, wo = output_hw(input, weight, s, p, d)
+        return torch.empty((input.shape[0], weight.shape[0], ho, wo), dtype=input.dtype, device=input.device,
+                           memory_format=suggest_memory_format(input))
     if input.device.type == "cpu":
         # The CPU kernel returns at::convolution's output (the epilogue runs in place), so asking
         # aten.convolution's own fake kernel gives its layout rule (backend-dependent) exactly.
