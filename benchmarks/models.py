@@ -19,7 +19,7 @@ SegNet training-step memory (batch 1, 360x480, forward + cross-entropy + backwar
   counted exactly from the tensors autograd saves (saved_tensors_hooks, storages deduplicated);
 * saved bytes: everything autograd holds for backward, the same way;
 * peak: on CUDA ``torch.cuda.max_memory_allocated``; on the CPU the growth of the peak RSS of a
-  fresh process during the step (``ru_maxrss`` at the end minus the RSS before it), which
+  fresh process during the step (``VmHWM`` at the end minus the RSS before it), which
   includes allocator slack.
 """
 from __future__ import annotations
@@ -177,11 +177,21 @@ def _training_step(impl: str, hw=(360, 480), batch: int = 1, device: str = "cpu"
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     else:
-        import resource
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+        peak = _vm_hwm() - base
     switch = sum(n for n, dt in saved.values() if dt in (torch.uint8, torch.int64, torch.int32))
     return {"impl": impl, "switch_bytes": switch, "saved_bytes": sum(n for n, _ in saved.values()),
             "peak_bytes": peak}
+
+
+def _vm_hwm() -> int:
+    """This process's peak RSS (VmHWM). Not getrusage's ru_maxrss: a child started by fork + exec
+    inherits the parent's high-water mark there, so a parent that holds large models would make
+    both children report the parent's size."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def segnet_memory(device: str = "cpu") -> dict:

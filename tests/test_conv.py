@@ -427,3 +427,33 @@ def test_frozen_module_copies_and_saves_without_its_pack(tmp_path):
 def test_freeze_bad_argument():
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         deconvseg_fast.freeze("model")
+
+
+# ---- a kernel as large as its input: the GEMM route ------------------------------------------------
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_whole_window_matches_torch(layout, n, dtype):
+    """DeconvNet's fc6 shape (7x7 over a 7x7 input, no padding): NCHW calls and channels_last
+    calls of batch 1 run as one GEMM (another summation order: close, not bitwise); output strides
+    are at::convolution's either way, and gradients are ATen's."""
+    x, w, b = make((n, 6, 5, 4), 9, (5, 4), dtype=dtype, layout=layout)
+    if layout == "channels_last":
+        w = w.contiguous(memory_format=torch.channels_last)
+    ref = torch.ops.aten.convolution.default(x, w, b, [1, 1], [0, 0], [1, 1], False, [0, 0], 1)
+    with torch.profiler.profile() as prof:
+        F.atrous_conv2d(x, w, b)
+    gemm = any(e.name == "aten::addmm" for e in prof.events())
+    assert gemm == (layout == "contiguous" or n == 1)
+    for act in (None, "relu"):
+        y = F.atrous_conv2d(x, w, b, 1, 0, 1, activation=act)
+        torch.testing.assert_close(y, TF.relu(ref) if act else ref)
+        assert y.stride() == ref.stride()
+    y = F.atrous_conv2d(x, w, None, 2, 0, 1)  # the stride does not matter for one output pixel
+    torch.testing.assert_close(y, TF.conv2d(x, w, None, 2))
+    x1, w1 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    F.atrous_conv2d(x1, w1, b, activation="relu").sum().backward()
+    x2, w2 = x.clone().requires_grad_(), w.clone().requires_grad_()
+    TF.relu(TF.conv2d(x2, w2, b)).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+    torch.testing.assert_close(w1.grad, w2.grad)

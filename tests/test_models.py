@@ -231,3 +231,28 @@ def test_compile_segnet():
     compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), twin(x), **TOL)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_transposed_block_of_a_1x1_input_is_a_matrix_product(channels_last, bias):
+    """DeconvNet's fc6-deconv (7x7 out of 1x1) runs as one matrix product; it must be torch's
+    conv_transpose2d, forward and backward, in either weight layout."""
+    from deconvseg_fast.models._layers import ConvBlock
+    torch.manual_seed(0)
+    block = ConvBlock(6, 5, 3, 0, bn=False, relu=False, transposed=True)
+    if not bias:
+        block.conv.bias = None
+    if channels_last:
+        block = block.to(memory_format=torch.channels_last)
+    x = torch.randn(2, 6, 1, 1, requires_grad=True)
+    assert block._outer_product(x) is not None
+    y = block(x)
+    ref = torch.nn.functional.conv_transpose2d(x, block.conv.weight, block.conv.bias)
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, (x, block.conv.weight), g)
+    rx, rw = torch.autograd.grad(ref, (x, block.conv.weight), g)
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gw, rw)
+    assert block._outer_product(torch.randn(2, 6, 2, 1)) is None  # larger inputs: conv_transpose2d

@@ -218,6 +218,42 @@ Tensor convolution_pointwise(const Tensor& input, const Tensor& weight, const c1
   return y.is_contiguous(format) ? y : y.contiguous(format);
 }
 
+// A kernel as large as its unpadded, undilated input (DeconvNet's fc6: 7x7 over pool5's 7x7) has one
+// output pixel per image: the convolution is the matrix product [N, C_in kH kW] x [C_in kH kW, C_out]
+// of the flattened input and weight, both flattened in their shared memory order (a view, no copy).
+// oneDNN's convolution handles that shape badly in two of its layouts -- it reorders the whole
+// weight (411 MB for fc6) on each call: with torch 2.13 on this project's 2-core CPU, fc6 took
+// 210-250 ms per NCHW call at batch 1-4 and per channels_last call at batch 1, against 25-70 ms as
+// a GEMM -- while channels_last batches of 2 or more run well (22-25 ms). So those two cases take
+// the GEMM; floating-point sums then come in another order than at::convolution's.
+bool window_is_whole_input(const Tensor& input, const Tensor& weight, at::IntArrayRef padding,
+                           at::IntArrayRef dilation) {
+  if (padding[0] != 0 || padding[1] != 0 || dilation[0] != 1 || dilation[1] != 1) return false;
+  if (input.size(2) != weight.size(2) || input.size(3) != weight.size(3) || input.size(0) == 0) return false;
+  const auto st = input.scalar_type();
+  if (st != at::kFloat && st != at::kDouble) return false;
+  const auto fmt = input.suggest_memory_format();
+  if (weight.suggest_memory_format() != fmt || !input.is_contiguous(fmt) || !weight.is_contiguous(fmt)) return false;
+  return fmt == at::MemoryFormat::Contiguous || input.size(0) == 1;
+}
+
+Tensor whole_window_matmul(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias) {
+  const int64_t N = input.size(0), C = weight.size(0);
+  const bool nhwc = input.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+  // Flattened in memory order: (c, h, w) for NCHW, (h, w, c) for channels_last.
+  const Tensor x = nhwc ? input.permute({0, 2, 3, 1}).reshape({N, -1}) : input.reshape({N, -1});
+  const Tensor w = nhwc ? weight.permute({0, 2, 3, 1}).reshape({C, -1}) : weight.reshape({C, -1});
+  // at::convolution's output layout for these operands (channels_last if either suggests it).
+  Tensor y = at::empty({N, C, 1, 1}, input.options().memory_format(input.suggest_memory_format()));
+  Tensor y2 = y.view({N, C});
+  if (bias.has_value() && bias->defined()) {
+    at::addmm_out(y2, *bias, x, w.t());
+  } else {
+    at::mm_out(y2, x, w.t());
+  }
+  return y;
+}
+
 bool parse_activation(c10::string_view activation) {
   if (activation == "relu") return true;
   TORCH_CHECK_VALUE(activation == "none", "activation must be 'none' or 'relu', got '", std::string(activation),
@@ -269,6 +305,8 @@ Tensor atrous_conv2d_cpu(const Tensor& input, const Tensor& weight, const c10::o
     const bool fuse_relu = relu && !has_scale && !has_shift;
     y = convolution_pointwise(input, weight, bias, stride, padding, dilation, fuse_relu);
     if (fuse_relu || (!has_scale && !has_shift)) return y;
+  } else if (window_is_whole_input(input, weight, padding, dilation)) {
+    y = whole_window_matmul(input, weight, bias);
   } else {
     y = at::convolution(input, weight, bias, stride, padding, dilation, /*transposed=*/false,
                         /*output_padding=*/{0, 0}, /*groups=*/1);
