@@ -543,9 +543,10 @@ def atrous_conv2d(
     arguments and defaults, including 3-D unbatched input and ``padding="same"``/``"valid"``. On the
     CPU the convolution is ATen's (oneDNN) and the epilogue runs in place in one pass, so the result
     is bit-identical to ``F.conv2d`` (+ ``F.relu``) when there is no scale/shift -- except where the
-    kernel is as large as its unpadded input (one output pixel: a GEMM, summed in another order)
-    and for packed weights (``pack_conv_weight``), which agree to float rounding; on CUDA a Triton
-    implicit GEMM applies the whole epilogue before its single rounding.
+    kernel is as large as its unpadded input (one output pixel: a GEMM, summed in another order),
+    for NCHW float32 calls whose taps are mostly padding (oneDNN with a weight packed for the call,
+    which skips them) and for packed weights (``pack_conv_weight``): those agree to float
+    rounding. On CUDA a Triton implicit GEMM applies the whole epilogue before its single rounding.
     """
     x, squeeze = _as_batched(input, "input")
     padding_extra = None

@@ -457,3 +457,31 @@ def test_whole_window_matches_torch(layout, n, dtype):
     TF.relu(TF.conv2d(x2, w2, b)).sum().backward()
     torch.testing.assert_close(x1.grad, x2.grad)
     torch.testing.assert_close(w1.grad, w2.grad)
+
+
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_nchw_mostly_padding_packs_per_call(activation):
+    """An NCHW float32 call with >= 64 input channels whose taps are mostly padding (fc6-like) runs
+    oneDNN's convolution with a weight packed for the call; results are F.conv2d's to rounding,
+    strides NCHW, gradients ATen's."""
+    x, w, b = make((1, 64, 9, 9), 8, 3)
+    scale, shift = bn_params(8)
+    with torch.profiler.profile() as prof:
+        y = F.atrous_conv2d(x, w, b, 1, 4, 4, activation=activation)
+    assert any("convolution_pointwise" in e.name for e in prof.events())
+    ref = TF.conv2d(x, w, b, 1, 4, 4)
+    torch.testing.assert_close(y, TF.relu(ref) if activation else ref, **PACKED_TOL)
+    assert y.is_contiguous()
+    y = F.atrous_conv2d(x, w, b, 1, 4, 4, activation=activation, scale=scale, shift=shift)
+    ref = ref * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    torch.testing.assert_close(y, TF.relu(ref) if activation else ref, **PACKED_TOL)
+    x1 = x.clone().requires_grad_()
+    F.atrous_conv2d(x1, w, b, 1, 4, 4, activation="relu").sum().backward()
+    x2 = x.clone().requires_grad_()
+    TF.relu(TF.conv2d(x2, w, b, 1, 4, 4)).sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+    # little padding (dilation 1 here): at::convolution, bit for bit
+    with torch.profiler.profile() as prof:
+        y = F.atrous_conv2d(x, w, b, 1, 1, 1)
+    assert not any("convolution_pointwise" in e.name for e in prof.events())
+    same(y, TF.conv2d(x, w, b, 1, 1, 1))

@@ -17,8 +17,13 @@
 // which at::convolution repeats on every call: the convolution is then oneDNN's
 // mkldnn::_convolution_pointwise (Inductor's CPU convolution) with the ReLU as its post-op when
 // there is no scale/shift, so the output is written once. The output takes the input's memory
-// format (suggest_memory_format); oneDNN may pick a different kernel than for the plain weight, so results agree with
-// F.conv2d to rounding rather than bit for bit.
+// format (suggest_memory_format); oneDNN may pick a different kernel than for the plain weight, so
+// results agree with F.conv2d to rounding rather than bit for bit.
+//
+// Two plain-weight shapes leave at::convolution, each where it measured faster (details at
+// window_is_whole_input and mostly_padding_nchw): a kernel as large as its input is one GEMM, and
+// an NCHW call that is mostly padding packs its weight for the call. Both agree with F.conv2d to
+// rounding; every other call is at::convolution's bits.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -254,6 +259,43 @@ Tensor whole_window_matmul(const Tensor& input, const Tensor& weight, const c10:
   return y;
 }
 
+// Fraction of a kernel's taps, over all output pixels, that land inside the input (not padding).
+double inside_fraction(const Tensor& input, const Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                       at::IntArrayRef dilation) {
+  double frac = 1.0;
+  for (int d = 0; d < 2; ++d) {
+    const int64_t H = input.size(2 + d), k = weight.size(2 + d);
+    const int64_t out = (H + 2 * padding[d] - dilation[d] * (k - 1) - 1) / stride[d] + 1;
+    int64_t inside = 0;
+    for (int64_t o = 0; o < out; ++o)
+      for (int64_t t = 0; t < k; ++t) {
+        const int64_t h = o * stride[d] - padding[d] + t * dilation[d];
+        inside += h >= 0 && h < H;
+      }
+    frac *= out > 0 ? double(inside) / double(out * k) : 1.0;
+  }
+  return frac;
+}
+
+// An NCHW float32 call whose taps fall into the padding for over a quarter of the work (DeepLab's
+// fc6, dilation 12 on a 41x41 map: 35 %). at::convolution's NCHW path computes those taps; oneDNN's
+// convolution with a weight packed for this input skips them, and gains more than the pack costs
+// (fc6: 70-78 ms against 92-95 ms on this project's 2-core CPU, pack included). Where little of
+// the work is padding (conv5, dilation 2: 6 %) the per-call pack costs more than it saves.
+bool mostly_padding_nchw(const Tensor& input, const Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                         at::IntArrayRef dilation) {
+  if (input.scalar_type() != at::kFloat || !at::hasMKLDNN() || input.size(0) == 0) return false;
+  if (!input.is_contiguous() || !weight.is_contiguous() || input.size(1) < 64) return false;
+  return inside_fraction(input, weight, stride, padding, dilation) < 0.75;
+}
+
+// The weight reordered by oneDNN for this input and geometry (what pack_conv_weight does).
+Tensor pack_for(const Tensor& weight, const Tensor& input, at::IntArrayRef stride, at::IntArrayRef padding,
+                at::IntArrayRef dilation) {
+  return at::mkldnn_reorder_conv2d_weight(weight.contiguous().to_mkldnn(), padding, stride, dilation, 1,
+                                          input.sizes());
+}
+
 bool parse_activation(c10::string_view activation) {
   if (activation == "relu") return true;
   TORCH_CHECK_VALUE(activation == "none", "activation must be 'none' or 'relu', got '", std::string(activation),
@@ -307,6 +349,11 @@ Tensor atrous_conv2d_cpu(const Tensor& input, const Tensor& weight, const c10::o
     if (fuse_relu || (!has_scale && !has_shift)) return y;
   } else if (window_is_whole_input(input, weight, padding, dilation)) {
     y = whole_window_matmul(input, weight, bias);
+  } else if (mostly_padding_nchw(input, weight, stride, padding, dilation)) {
+    const bool fuse_relu = relu && !has_scale && !has_shift;
+    const Tensor packed = pack_for(weight, input, stride, padding, dilation);
+    y = convolution_pointwise(input, packed, bias, stride, padding, dilation, fuse_relu);
+    if (fuse_relu || (!has_scale && !has_shift)) return y;
   } else {
     y = at::convolution(input, weight, bias, stride, padding, dilation, /*transposed=*/false,
                         /*output_padding=*/{0, 0}, /*groups=*/1);
