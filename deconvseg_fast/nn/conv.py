@@ -68,10 +68,6 @@ class FreezableMixin:
 
     _pack: PackedWeight | None = None
 
-    def unpack_weights(self):
-        self._pack = None
-        return self
-
     def train(self, mode: bool = True):
         if mode:
             self._pack = None
