@@ -195,15 +195,18 @@ void check_channel_vector(const c10::optional<Tensor>& v, const char* name, cons
 // oneDNN's convolution with a prepacked weight and an optional fused ReLU. Called through the
 // dispatcher (boxed, so the exact C++ signature of the op -- which has changed between torch
 // releases -- does not matter); the op is registered whenever torch is built with oneDNN.
+const std::optional<c10::OperatorHandle>& convolution_pointwise_op() {
+  static const std::optional<c10::OperatorHandle> op =
+      c10::Dispatcher::singleton().findSchema({"mkldnn::_convolution_pointwise", ""});
+  return op;
+}
+
 Tensor convolution_pointwise(const Tensor& input, const Tensor& weight, const c10::optional<Tensor>& bias,
                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                              bool relu) {
-  static const c10::OperatorHandle op = [] {
-    auto handle = c10::Dispatcher::singleton().findSchema({"mkldnn::_convolution_pointwise", ""});
-    TORCH_CHECK(handle.has_value(), "weight: packed weights need torch's oneDNN convolution "
-                "(mkldnn::_convolution_pointwise), which this torch build does not have");
-    return *handle;
-  }();
+  TORCH_CHECK(convolution_pointwise_op().has_value(), "weight: packed weights need torch's oneDNN convolution "
+              "(mkldnn::_convolution_pointwise), which this torch build does not have");
+  const c10::OperatorHandle& op = *convolution_pointwise_op();
   torch::jit::Stack stack;
   stack.reserve(10);
   stack.emplace_back(input.contiguous(input.suggest_memory_format()));
@@ -284,7 +287,9 @@ double inside_fraction(const Tensor& input, const Tensor& weight, at::IntArrayRe
 // the work is padding (conv5, dilation 2: 6 %) the per-call pack costs more than it saves.
 bool mostly_padding_nchw(const Tensor& input, const Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
                          at::IntArrayRef dilation) {
-  if (input.scalar_type() != at::kFloat || !at::hasMKLDNN() || input.size(0) == 0) return false;
+  if (input.scalar_type() != at::kFloat || !at::hasMKLDNN() || !convolution_pointwise_op().has_value() ||
+      input.size(0) == 0)
+    return false;
   if (!input.is_contiguous() || !weight.is_contiguous() || input.size(1) < 64) return false;
   return inside_fraction(input, weight, stride, padding, dilation) < 0.75;
 }
