@@ -74,7 +74,7 @@ def test_frozen_model_matches_twin(name, classes, shape):
     with torch.no_grad():
         y, ref = ours(x), twin(x)
     packs = [m for m in ours.modules() if getattr(m, "_pack", None) is not None and m._pack.packs]
-    assert packs or name == "fcn8s"  # FCN-8s runs NCHW activations, which keep the plain weights
+    assert packs
     torch.testing.assert_close(y, ref, **TOL)
     ours.train()
     assert all(getattr(m, "_pack", None) is None for m in ours.modules())
