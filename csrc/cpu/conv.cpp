@@ -344,21 +344,23 @@ Tensor atrous_conv2d_cpu(const Tensor& input, const Tensor& weight, const c10::o
 
   const bool has_scale = scale.has_value() && scale->defined();
   const bool has_shift = shift.has_value() && shift->defined();
-  Tensor y;
   if (weight.is_mkldnn()) {
     TORCH_CHECK_VALUE(st == at::kFloat || st == at::kBFloat16,
                       "a packed weight needs a float32 or bfloat16 input, got ", st);
     TORCH_CHECK_VALUE(!input.is_mkldnn(), "input must be a dense (strided) tensor, got an MKLDNN tensor");
-    const bool fuse_relu = relu && !has_scale && !has_shift;
-    y = convolution_pointwise(input, weight, bias, stride, padding, dilation, fuse_relu);
-    if (fuse_relu || (!has_scale && !has_shift)) return y;
+  }
+  // A packed weight: the caller's, or one packed for this call when the call is mostly padding.
+  const Tensor packed = weight.is_mkldnn() ? weight
+                        : mostly_padding_nchw(input, weight, stride, padding, dilation)
+                            ? pack_for(weight, input, stride, padding, dilation)
+                            : Tensor();
+  Tensor y;
+  if (packed.defined()) {
+    // Without scale/shift the ReLU is oneDNN's post-op and the output is final.
+    y = convolution_pointwise(input, packed, bias, stride, padding, dilation, relu && !has_scale && !has_shift);
+    if (!has_scale && !has_shift) return y;
   } else if (window_is_whole_input(input, weight, padding, dilation)) {
     y = whole_window_matmul(input, weight, bias);
-  } else if (mostly_padding_nchw(input, weight, stride, padding, dilation)) {
-    const bool fuse_relu = relu && !has_scale && !has_shift;
-    const Tensor packed = pack_for(weight, input, stride, padding, dilation);
-    y = convolution_pointwise(input, packed, bias, stride, padding, dilation, fuse_relu);
-    if (fuse_relu || (!has_scale && !has_shift)) return y;
   } else {
     y = at::convolution(input, weight, bias, stride, padding, dilation, /*transposed=*/false,
                         /*output_padding=*/{0, 0}, /*groups=*/1);

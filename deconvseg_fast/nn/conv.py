@@ -78,8 +78,7 @@ class FreezableMixin:
         return super()._apply(fn, *args, **kwargs)
 
     def __getstate__(self):
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        state = dict(state)
+        state = dict(super().__getstate__())  # nn.Module's own __getstate__ (a copy is popped)
         state.pop("_pack", None)
         return state
 

@@ -136,18 +136,18 @@ def output_hw(input, weight, stride, padding, dilation) -> tuple[int, int]:
 @torch.library.register_fake("deconvseg::atrous_conv2d")
 def _fake(input, weight, bias, scale, shift, stride, padding, dilation, activation):
     s, p, d, _ = check_args(input, weight, bias, scale, shift, stride, padding, dilation, activation)
-    if weight.is_mkldnn:  # a packed weight: the output takes the input's memory format
-        ho, wo = output_hw(input, weight, s, p, d)
-        return torch.empty((input.shape[0], weight.shape[0], ho, wo), dtype=input.dtype, device=input.device,
-                           memory_format=suggest_memory_format(input))
-    if input.device.type == "cpu":
+    if input.device.type == "cpu" and not weight.is_mkldnn:
         # The CPU kernel returns at::convolution's output (the epilogue runs in place), so asking
         # aten.convolution's own fake kernel gives its layout rule (backend-dependent) exactly.
         return torch.ops.aten.convolution.default(input, weight, bias, list(s), list(p), list(d), False, [0, 0], 1)
-    from deconvseg_fast.kernels.conv import output_memory_format  # noqa: PLC0415 (imports triton)
+    if weight.is_mkldnn:  # a packed weight: the output takes the input's memory format
+        memory_format = suggest_memory_format(input)
+    else:
+        from deconvseg_fast.kernels.conv import output_memory_format  # noqa: PLC0415 (imports triton)
+        memory_format = output_memory_format(input, weight)
     ho, wo = output_hw(input, weight, s, p, d)
     return torch.empty((input.shape[0], weight.shape[0], ho, wo), dtype=input.dtype, device=input.device,
-                       memory_format=output_memory_format(input, weight))
+                       memory_format=memory_format)
 
 
 # ----------------------------------------------------------------------------------------------
