@@ -42,6 +42,7 @@ class VertexTable {
     int64_t cap = 1024;
     while (cap < 2 * expected_keys) cap <<= 1;
     rehash(cap);
+    keys_.reserve(expected_keys * d);
   }
 
   int32_t insert(const int32_t* key) {
@@ -251,7 +252,9 @@ std::tuple<Tensor, Tensor, Tensor> permutohedral_lattice_cpu(const Tensor& featu
     std::vector<int32_t> key_buf((1 + kGroup) * D1 * d);
     int32_t* group = key_buf.data() + D1 * d;
     for (int64_t c = c0; c < c1; ++c) {
-      VertexTable local(d);
+      // Sized for one distinct vertex in eight corners (photographs have under one in twenty), so
+      // the table does not rehash its way up from the minimum; it still grows if needed.
+      VertexTable local(d, (chunk_begin(c + 1) - chunk_begin(c)) * D1 / 8);
       const int64_t begin = chunk_begin(c), end = chunk_begin(c + 1);
       for (int64_t g = begin; g < end; g += kGroup) {
         const int64_t n = std::min(kGroup, end - g);
