@@ -35,14 +35,16 @@ using at::Tensor;
 // Open-addressing table from a vertex's d coordinates to its index; indices follow first insertion
 // (so they never depend on the capacity). The table doubles when it is half full, so probes stay
 // short and always end, and a table that sees few distinct keys stays small enough for the cache
-// (an image has far fewer vertices than simplex corners).
+// (an image has far fewer vertices than simplex corners). D > 0 fixes d at compile time, so the
+// hash and the key comparison unroll; D = 0 takes it at run time.
+template <int D>
 class VertexTable {
  public:
-  explicit VertexTable(int d, int64_t expected_keys = 0) : d_(d) {
+  explicit VertexTable(int d, int64_t expected_keys = 0) : d_(D > 0 ? D : d) {
     int64_t cap = 1024;
     while (cap < 2 * expected_keys) cap <<= 1;
     rehash(cap);
-    keys_.reserve(expected_keys * d);
+    keys_.reserve(expected_keys * d_);
   }
 
   int32_t insert(const int32_t* key) {
@@ -52,10 +54,10 @@ class VertexTable {
       int32_t& slot = slots_[h & mask_];
       if (slot < 0) {
         slot = static_cast<int32_t>(size_++);
-        keys_.insert(keys_.end(), key, key + d_);
+        keys_.insert(keys_.end(), key, key + dim());
         return slot;
       }
-      if (same(&keys_[static_cast<int64_t>(slot) * d_], key)) return slot;
+      if (same(&keys_[static_cast<int64_t>(slot) * dim()], key)) return slot;
       ++h;
     }
   }
@@ -65,7 +67,7 @@ class VertexTable {
     while (true) {
       const int32_t slot = slots_[h & mask_];
       if (slot < 0) return -1;
-      if (same(&keys_[static_cast<int64_t>(slot) * d_], key)) return slot;
+      if (same(&keys_[static_cast<int64_t>(slot) * dim()], key)) return slot;
       ++h;
     }
   }
@@ -74,7 +76,7 @@ class VertexTable {
   // probe.
   int64_t size() const { return size_; }
   std::vector<int32_t> take_keys() { return std::move(keys_); }  // [size, d], insertion order; the table is done
-  const int32_t* key(int64_t v) const { return &keys_[v * d_]; }
+  const int32_t* key(int64_t v) const { return &keys_[v * dim()]; }
 
  private:
   void rehash(int64_t cap) {
@@ -87,15 +89,17 @@ class VertexTable {
     }
   }
 
-  // Keys are a few ints: an inline loop, not a call to memcmp.
+  // Keys are a few ints: compared without early exits (one branch, not one per coordinate).
   bool same(const int32_t* a, const int32_t* b) const {
-    for (int i = 0; i < d_; ++i)
-      if (a[i] != b[i]) return false;
-    return true;
+    int32_t diff = 0;
+    for (int i = 0; i < dim(); ++i) diff |= a[i] ^ b[i];
+    return diff == 0;
   }
 
   // Shared with the CUDA lattice builder (csrc/cuda/crf.cu).
-  uint64_t hash(const int32_t* key) const { return lattice::hash_key(key, d_); }
+  uint64_t hash(const int32_t* key) const { return lattice::hash_key(key, dim()); }
+
+  int dim() const { return D > 0 ? D : d_; }
 
   int d_;
   int64_t mask_;
@@ -201,11 +205,11 @@ inline Simplex16Fn enclosing_simplex16_for(int d) {
 }  // namespace avx512
 #endif
 
-std::tuple<Tensor, Tensor, Tensor> permutohedral_lattice_cpu(const Tensor& features_in) {
-  lattice::check_features(features_in);
-  const int64_t N = features_in.size(0);
-  const int d = static_cast<int>(features_in.size(1));
-  const Tensor features = features_in.contiguous();
+// The lattice of N points of D features (D > 0 fixed at compile time, D = 0 any d).
+template <int D>
+std::tuple<Tensor, Tensor, Tensor> build_lattice(const Tensor& features, int d_runtime) {
+  const int64_t N = features.size(0);
+  const int d = D > 0 ? D : d_runtime;
   const float* f = features.const_data_ptr<float>();
   {
     // Lattice coordinates are int32: beyond 1e6 standard deviations they could overflow.
@@ -230,10 +234,6 @@ std::tuple<Tensor, Tensor, Tensor> permutohedral_lattice_cpu(const Tensor& featu
   //    and number their own corners in parallel (the keys never leave the chunk's table); then the
   //    chunks' distinct keys are entered into the global table in chunk order (which reproduces
   //    the sequential first-occurrence order), and every entry is mapped to its global index.
-  auto* simplex = d == 2 ? &lattice::enclosing_simplex_fixed<2>
-                  : d == 3 ? &lattice::enclosing_simplex_fixed<3>
-                  : d == 5 ? &lattice::enclosing_simplex_fixed<5>
-                           : &lattice::enclosing_simplex_fixed<0>;
   constexpr int64_t kChunks = 16;
   auto chunk_begin = [&](int64_t c) { return c * N / kChunks; };
   Tensor weights = at::empty({N, D1}, features.options());
@@ -254,7 +254,7 @@ std::tuple<Tensor, Tensor, Tensor> permutohedral_lattice_cpu(const Tensor& featu
     for (int64_t c = c0; c < c1; ++c) {
       // Sized for one distinct vertex in eight corners (photographs have under one in twenty), so
       // the table does not rehash its way up from the minimum; it still grows if needed.
-      VertexTable local(d, (chunk_begin(c + 1) - chunk_begin(c)) * D1 / 8);
+      VertexTable<D> local(d, (chunk_begin(c + 1) - chunk_begin(c)) * D1 / 8);
       const int64_t begin = chunk_begin(c), end = chunk_begin(c + 1);
       for (int64_t g = begin; g < end; g += kGroup) {
         const int64_t n = std::min(kGroup, end - g);
@@ -263,7 +263,8 @@ std::tuple<Tensor, Tensor, Tensor> permutohedral_lattice_cpu(const Tensor& featu
           simplex16(f + g * d, scale, group, w + g * D1);
         else
 #endif
-          for (int64_t p = 0; p < n; ++p) simplex(f + (g + p) * d, d, scale, group + p * D1 * d, w + (g + p) * D1);
+          for (int64_t p = 0; p < n; ++p)
+            lattice::enclosing_simplex_fixed<D>(f + (g + p) * d, d, scale, group + p * D1 * d, w + (g + p) * D1);
         // Neighbouring pixels often share simplex corners, and a shared corner has the same
         // remainder r, so it sits at the same position among the previous pixel's corners:
         // check that first, before hashing.
@@ -273,9 +274,9 @@ std::tuple<Tensor, Tensor, Tensor> permutohedral_lattice_cpu(const Tensor& featu
           const int32_t* prev = keys - D1 * d;
           for (int r = 0; r < D1; ++r) {
             const int32_t* key = keys + r * d;
-            bool repeat = i > begin;
-            for (int k = 0; k < d && repeat; ++k) repeat = key[k] == prev[r * d + k];
-            off[i * D1 + r] = repeat ? off[(i - 1) * D1 + r] : local.insert(key);
+            int32_t diff = 0;  // one branch per corner, not one per coordinate
+            for (int k = 0; k < d; ++k) diff |= key[k] ^ prev[r * d + k];
+            off[i * D1 + r] = diff == 0 && i > begin ? off[(i - 1) * D1 + r] : local.insert(key);
           }
         }
         std::copy(group + (n - 1) * D1 * d, group + n * D1 * d, key_buf.data());
@@ -285,7 +286,7 @@ std::tuple<Tensor, Tensor, Tensor> permutohedral_lattice_cpu(const Tensor& featu
   });
   int64_t at_least = 0;  // distinct keys in the busiest chunk: the whole image has at least as many
   for (const auto& k : chunk_keys) at_least = std::max(at_least, static_cast<int64_t>(k.size()) / d);
-  VertexTable table(d, at_least);
+  VertexTable<D> table(d, at_least);
   std::vector<std::vector<int32_t>> to_global(kChunks);
   for (int64_t c = 0; c < kChunks; ++c) {
     const int64_t n = static_cast<int64_t>(chunk_keys[c].size()) / d;
@@ -315,6 +316,19 @@ std::tuple<Tensor, Tensor, Tensor> permutohedral_lattice_cpu(const Tensor& featu
   });
 
   return {offsets, weights, neighbors};
+}
+
+std::tuple<Tensor, Tensor, Tensor> permutohedral_lattice_cpu(const Tensor& features_in) {
+  lattice::check_features(features_in);
+  const Tensor features = features_in.contiguous();
+  const int d = static_cast<int>(features.size(1));
+  switch (d) {  // dense_crf's kernels: (x, y), (x, y, t), (x, y, r, g, b), (x, y, t, r, g, b)
+    case 2: return build_lattice<2>(features, d);
+    case 3: return build_lattice<3>(features, d);
+    case 5: return build_lattice<5>(features, d);
+    case 6: return build_lattice<6>(features, d);
+    default: return build_lattice<0>(features, d);
+  }
 }
 
 // Splats cut the pixels into this many contiguous parts, each with its own vertex buffer. Fixed, so
