@@ -851,6 +851,41 @@ DSF_AVX512 __attribute__((always_inline)) inline void splat_q(const MeanFieldKer
   }
 }
 
+// dst[c * dst_stride + r] = src[r * src_stride + c] for r < rows, c < cols (each at most 16): one
+// 16 x 16 block transposed in registers; masked loads and stores do the edges.
+DSF_AVX512 inline void transpose16(const float* __restrict src, int64_t src_stride, int rows, int cols,
+                                   float* __restrict dst, int64_t dst_stride) {
+  const __mmask16 col_mask = static_cast<__mmask16>(cols >= 16 ? 0xFFFFu : (1u << cols) - 1u);
+  const __mmask16 row_mask = static_cast<__mmask16>(rows >= 16 ? 0xFFFFu : (1u << rows) - 1u);
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = i < rows ? _mm512_maskz_loadu_ps(col_mask, src + i * src_stride) : _mm512_setzero_ps();
+  for (int k = 0; k < 8; ++k) {  // per 128-bit lane: elements 4l, 4l+1 (lo) and 4l+2, 4l+3 (hi) of two rows
+    t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+  }
+  for (int k = 0; k < 4; ++k) {  // r[4k + m], 128-bit lane l: rows 4k .. 4k+3 of column 4l + m
+    const __m512d a = _mm512_castps_pd(t[4 * k]), b = _mm512_castps_pd(t[4 * k + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * k + 2]), e = _mm512_castps_pd(t[4 * k + 3]);
+    r[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, e));
+    r[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, e));
+  }
+  for (int h = 0; h < 2; ++h)  // rows 8h .. 8h+7: columns m, 8+m (t[8h + m]) and 4+m, 12+m (t[8h + 4 + m])
+    for (int m = 0; m < 4; ++m) {
+      t[8 * h + m] = _mm512_shuffle_f32x4(r[8 * h + m], r[8 * h + 4 + m], 0x88);
+      t[8 * h + 4 + m] = _mm512_shuffle_f32x4(r[8 * h + m], r[8 * h + 4 + m], 0xDD);
+    }
+  for (int m = 0; m < 4; ++m) {  // whole columns: m, 8+m, 4+m, 12+m
+    const __m512 col[4] = {_mm512_shuffle_f32x4(t[m], t[8 + m], 0x88), _mm512_shuffle_f32x4(t[m], t[8 + m], 0xDD),
+                           _mm512_shuffle_f32x4(t[4 + m], t[12 + m], 0x88),
+                           _mm512_shuffle_f32x4(t[4 + m], t[12 + m], 0xDD)};
+    const int index[4] = {m, 8 + m, 4 + m, 12 + m};
+    for (int j = 0; j < 4; ++j)
+      if (index[j] < cols) _mm512_mask_storeu_ps(dst + index[j] * dst_stride, row_mask, col[j]);
+  }
+}
+
 // The sixteen horizontal reductions of rows[0..15] (each 16 floats) at once: lane p of the result
 // is the max (kMax) or the sum of rows[p]'s lanes. The lanes are paired as _mm512_reduce_add_ps pairs them -- j with
 // j + 8, then j + 4, j + 2, j + 1 -- so an add gives the same bits as that reduction of each row;
@@ -989,8 +1024,8 @@ DSF_AVX512 void mean_field_block(const MeanFieldKernel* ks, int64_t K, const flo
       }
     }
     if (out)
-      for (int64_t l = 0; l < L; ++l)
-        for (int p = 0; p < n; ++p) out[l * N + i0 + p] = tile[p * Lp + l];
+      for (int64_t c0 = 0; c0 < L; c0 += 16)
+        transpose16(tile + c0, Lp, n, static_cast<int>(std::min<int64_t>(16, L - c0)), out + c0 * N + i0, N);
   }
 }
 
@@ -1088,10 +1123,19 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
   float* qp = q.defined() ? q.mutable_data_ptr<float>() : nullptr;
   const float* lg = logits.const_data_ptr<float>();
   // Transposed in blocks of 64 points, so each label's read is a contiguous run and the written rows
-  // stay in L1.
+  // stay in L1; with AVX-512, in 16 x 16 blocks in registers.
   at::parallel_for(0, (N + 63) / 64, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t i0 = b * 64, i1 = std::min(N, i0 + 64);
+#ifdef DSF_HAVE_AVX512_KERNELS
+      if (fast_block) {  // unpadded rows (ls = L)
+        for (int64_t j0 = i0; j0 < i1; j0 += 16)
+          for (int64_t c0 = 0; c0 < L; c0 += 16)
+            avx512::transpose16(lg + c0 * N + j0, N, static_cast<int>(std::min<int64_t>(16, L - c0)),
+                                static_cast<int>(std::min<int64_t>(16, i1 - j0)), lpp + j0 * ls + c0, ls);
+        continue;
+      }
+#endif
       for (int64_t c = 0; c < ls; ++c)
         for (int64_t i = i0; i < i1; ++i) lpp[i * ls + c] = c < L ? lg[c * N + i] : -1e30f;
     }
