@@ -301,7 +301,10 @@ std::tuple<Tensor, Tensor, Tensor> build_lattice(const Tensor& features, int d_r
 
   // 3. Blur neighbours along each axis j: all coordinates -1 (resp. +1) except axis j, which moves
   //    by +d (resp. -d); the implicit last coordinate makes axis d "all coordinates -1 / +1".
-  Tensor neighbors = at::empty({D1, M, 2}, offsets.options());
+  //    The two moves are inverse translations: u = n1(v) exactly when v = n2(u). So one lookup per
+  //    vertex and axis fills both: v's first neighbour and u's second (each u is some one v's n1,
+  //    so no two threads write the same entry; entries nobody writes stay 0, "not in the lattice").
+  Tensor neighbors = at::zeros({D1, M, 2}, offsets.options());
   int32_t* nb = neighbors.mutable_data_ptr<int32_t>();
   at::parallel_for(0, M, 1024, [&](int64_t begin, int64_t end) {
     int32_t n1[lattice::kMaxDim], n2[lattice::kMaxDim];
@@ -309,8 +312,9 @@ std::tuple<Tensor, Tensor, Tensor> build_lattice(const Tensor& features, int d_r
       const int32_t* key = table.key(v);
       for (int j = 0; j <= d; ++j) {
         lattice::blur_neighbor_keys(key, d, j, n1, n2);
-        nb[(j * M + v) * 2] = table.find(n1) + 1;
-        nb[(j * M + v) * 2 + 1] = table.find(n2) + 1;
+        const int32_t u = table.find(n1);
+        nb[(j * M + v) * 2] = u + 1;
+        if (u >= 0) nb[(j * M + u) * 2 + 1] = static_cast<int32_t>(v) + 1;
       }
     }
   });
