@@ -417,7 +417,8 @@ def _mean_field_fused(logits, lattices, norms, weights, compat, normalization, i
     labels, n = logits.shape
     ones = torch.ones(n, device=logits.device)
     pre = torch.stack([norm.view(-1) if normalization in ("symmetric", "before") else ones for norm in norms])
-    post = torch.stack([norm.view(-1) if normalization in ("symmetric", "after") else ones for norm in norms])
+    post = pre if normalization in ("symmetric", "none") else torch.stack(
+        [norm.view(-1) if normalization == "after" else ones for norm in norms])  # one array read, not two
     eye = torch.eye(labels, device=logits.device)
     mats = [float(w) * (compat.detach().float() if compat is not None else -eye) for w in weights]
     return _crf.mean_field(logits, lattices, pre, post, torch.stack(mats), iterations)
