@@ -32,6 +32,25 @@ namespace {
 
 using at::Tensor;
 
+// body(begin, end) over [0, n) in blocks of `block` indices, each block taken by whichever thread
+// is free next. at::parallel_for hands every thread one fixed share, so one thread that the OS or
+// the hypervisor pauses (common on shared cloud cores) holds up the whole step; here the others
+// take over its remaining blocks. Which thread runs a block never changes what the block computes.
+template <typename F>
+void parallel_blocks(int64_t n, int64_t block, const F& body) {
+  const int64_t blocks = (n + block - 1) / block;
+  const int64_t threads = std::min<int64_t>(blocks, at::get_num_threads());
+  if (threads <= 1 || at::in_parallel_region()) {
+    if (n > 0) body(0, n);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t b = next.fetch_add(1); b < blocks; b = next.fetch_add(1))
+      body(b * block, std::min(n, (b + 1) * block));
+  });
+}
+
 // Open-addressing table from a vertex's d coordinates to its index; indices follow first insertion
 // (so they never depend on the capacity). The table doubles when it is half full, so probes stay
 // short and always end, and a table that sees few distinct keys stays small enough for the cache
@@ -247,7 +266,7 @@ std::tuple<Tensor, Tensor, Tensor> build_lattice(const Tensor& features, int d_r
   const void* simplex16 = nullptr;
 #endif
   constexpr int64_t kGroup = 16;  // pixels whose simplices are found together
-  at::parallel_for(0, kChunks, 1, [&](int64_t c0, int64_t c1) {
+  parallel_blocks(kChunks, 1, [&](int64_t c0, int64_t c1) {
     // The previous pixel's corners, then a group's: [1 + kGroup, d+1, d].
     std::vector<int32_t> key_buf((1 + kGroup) * D1 * d);
     int32_t* group = key_buf.data() + D1 * d;
@@ -306,7 +325,7 @@ std::tuple<Tensor, Tensor, Tensor> build_lattice(const Tensor& features, int d_r
   //    so no two threads write the same entry; entries nobody writes stay 0, "not in the lattice").
   Tensor neighbors = at::zeros({D1, M, 2}, offsets.options());
   int32_t* nb = neighbors.mutable_data_ptr<int32_t>();
-  at::parallel_for(0, M, 1024, [&](int64_t begin, int64_t end) {
+  parallel_blocks(M, 1024, [&](int64_t begin, int64_t end) {
     int32_t n1[lattice::kMaxDim], n2[lattice::kMaxDim];
     for (int64_t v = begin; v < end; ++v) {
       const int32_t* key = table.key(v);
@@ -558,7 +577,7 @@ template <typename T>
 void splat_parts(const LatticeView& L, const T* in, const T* scale, VertexBuffers<T>& bufs) {
   const int64_t stride = bufs.rows * bufs.Cp;
   T* parts = bufs.parts.template mutable_data_ptr<T>();
-  at::parallel_for(0, kSplatParts, 1, [&](int64_t p0, int64_t p1) {
+  parallel_blocks(kSplatParts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
       splat_pixels<T>(in, scale, L.off, L.w, L.D1, bufs.Cp, part_begin(p, L.N), part_begin(p + 1, L.N),
                       parts + p * stride);
@@ -573,7 +592,7 @@ const T* reduce_blur(const LatticeView& L, bool reverse, VertexBuffers<T>& bufs)
   T* parts = bufs.parts.template mutable_data_ptr<T>();
   T* a = bufs.a.template mutable_data_ptr<T>();
   T* b = bufs.b.template mutable_data_ptr<T>();
-  at::parallel_for(0, rows, 512, [&](int64_t begin, int64_t end) {
+  parallel_blocks(rows, 512, [&](int64_t begin, int64_t end) {
     add_parts<T>(parts, stride, L.part_lo, L.part_hi, Cp, begin, end, a);
   });
   // Row 0 of both buffers is the zero "no neighbour" row (it only ever received no splats).
@@ -582,7 +601,7 @@ const T* reduce_blur(const LatticeView& L, bool reverse, VertexBuffers<T>& bufs)
   for (int step = 0; step <= d; ++step) {
     const int j = reverse ? d - step : step;
     const int32_t* nbj = L.nb + static_cast<int64_t>(j) * L.M * 2;
-    at::parallel_for(0, L.M, 256, [&](int64_t begin, int64_t end) { blur_range<T>(a, nbj, Cp, begin, end, b); });
+    parallel_blocks(L.M, 256, [&](int64_t begin, int64_t end) { blur_range<T>(a, nbj, Cp, begin, end, b); });
     std::swap(a, b);
   }
   return a;
@@ -625,7 +644,7 @@ Tensor filter_impl(const Tensor& values, const LatticeView& L, bool reverse) {
   const T* blurred = splat_blur_padded<T>(values, nullptr, L, reverse, bufs);
   Tensor out_p = empty_output({N, Cp}, dtype, at::MemoryFormat::Contiguous);
   const T alpha = static_cast<T>(lattice::slice_alpha(static_cast<int>(L.D1 - 1)));
-  at::parallel_for(0, N, 256, [&](int64_t begin, int64_t end) {
+  parallel_blocks(N, 256, [&](int64_t begin, int64_t end) {
     slice_range<T>(blurred, L, Cp, alpha, begin, end, out_p.mutable_data_ptr<T>());
   });
   if (Cp == C) return out_p;
@@ -1176,7 +1195,7 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
     // splats write the part buffers, so nothing is read and written at once; each part receives
     // its pixels in order, as in splat_parts, so the sums are the same bits.
     const bool splat_next = it + 1 < iterations;
-    at::parallel_for(0, kSplatParts, 1, [&](int64_t p0, int64_t p1) {
+    parallel_blocks(kSplatParts, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
 #ifdef DSF_HAVE_AVX512_KERNELS
         if (fast_block) {
