@@ -225,6 +225,45 @@ def test_opcheck():
             torch.library.opcheck(ops.permutohedral_filter.default, (v, *lat, reverse))
 
 
+def _mean_field_inputs(labels, h=9, w=11, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    rgb = torch.rand(h * w, 3, generator=g) * 20
+    lattices = [Lattice.from_points(torch.stack([xs.reshape(-1) / 3, ys.reshape(-1) / 3], 1)),
+                Lattice.from_points(torch.cat([torch.stack([xs.reshape(-1) / 8, ys.reshape(-1) / 8], 1), rgb], 1))]
+    pre = torch.rand(2, h * w, generator=g) + 0.5
+    compat = torch.stack([-3 * torch.eye(labels), -torch.rand(labels, labels, generator=g)])
+    return torch.randn(labels, h * w, generator=g), lattices, pre, compat
+
+
+@pytest.mark.parametrize("labels", [1, 5, 21, 70])  # registers (fixed and general corners) and the portable path
+@pytest.mark.parametrize("iterations", [0, 3])
+def test_mean_field_keeps_the_logits_layout(labels, iterations):
+    # Point-major logits (the transpose of a contiguous [N, L], pydensecrf's layout) are read in
+    # place and give Q in that layout, with the same bits as label-major ones.
+    from deconvseg_fast.ops.crf import mean_field
+    logits, lattices, pre, compat = _mean_field_inputs(labels)
+    for lats, pr, cm in ((lattices, pre, compat), (lattices[1:], pre[1:], compat[1:])):
+        q = mean_field(logits, lats, pr, pr, cm, iterations)
+        point_major = logits.t().contiguous().t()
+        q_pm = mean_field(point_major, lats, pr, pr, cm, iterations)
+        assert q.is_contiguous() and (labels == 1 or not q_pm.is_contiguous()) and q_pm.t().is_contiguous()
+        assert torch.equal(q, q_pm)
+        # Any other layout is made contiguous first.
+        strided = torch.randn(labels, 2 * logits.shape[1])[:, ::2]
+        strided.copy_(logits)
+        assert torch.equal(mean_field(strided, lats, pr, pr, cm, iterations), q)
+
+
+@pytest.mark.parametrize("point_major", [False, True])
+def test_opcheck_mean_field(point_major):
+    logits, lattices, pre, compat = _mean_field_inputs(5)
+    if point_major:
+        logits = logits.t().contiguous().t()
+    flat = [t for lat in lattices for t in lat.tensors]
+    torch.library.opcheck(ops.dense_crf_mean_field.default, (logits, flat, pre, pre, compat, 2))
+
+
 def test_torch_compile_fullgraph_filter():
     lat = Lattice(torch.rand(3, 50, generator=torch.Generator().manual_seed(0)) * 2)
 

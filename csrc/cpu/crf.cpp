@@ -952,9 +952,9 @@ DSF_AVX512 __attribute__((always_inline)) inline __m512 reduce16_rows(const floa
 // for the core to overlap with the next pixel's; in tiles the reductions and the division are
 // shared and the exps of different pixels run side by side: about an eighth faster (10 iterations
 // on a VOC photo, one thread), same bits.
-// The logits are unpadded rows of L floats (masked loads); Q goes straight into the op's
-// label-major output, sixteen pixels at a time (transpose16).
-//   logits [N, L]; out [L, N] written for pixels [begin, end), or null.
+// The logits are unpadded rows of L floats (masked loads); Q goes straight into the op's output,
+// sixteen pixels at a time: as rows if out_rows (point-major), else transposed (label-major).
+//   logits [N, L]; out [N, L] (out_rows) or [L, N] written for pixels [begin, end), or null.
 // The half register's lanes do what lanes 16 NZ .. 16 NZ + 7 of a full one would, and its max and
 // sum enter the full-width reductions with the padding a full register would hold there (-1e30 for
 // the max, exp(-1e30) = 0 for the sum), so Q has the same bits as with Lp rounded up to 16.
@@ -964,7 +964,7 @@ DSF_AVX512 __attribute__((always_inline)) inline __m512 reduce16_rows(const floa
 // than the general form (DA = DB = 0: any number of kernels and corners), with the same bits.
 template <int NZ, bool TAIL, int DA, int DB>
 DSF_AVX512 void mean_field_block(const MeanFieldKernel* ks, int64_t K, const float* __restrict logits, int64_t L,
-                                 int64_t N, int64_t begin, int64_t end, float* __restrict out) {
+                                 int64_t N, int64_t begin, int64_t end, float* __restrict out, bool out_rows) {
   constexpr bool kTwo = DA > 0 && DB > 0;
   constexpr int64_t Lp = 16 * NZ + (TAIL ? 8 : 0);
   constexpr int NA = NZ > 0 ? NZ : 1;  // array sizes (an unused register when NZ = 0)
@@ -1064,14 +1064,17 @@ DSF_AVX512 void mean_field_block(const MeanFieldKernel* ks, int64_t K, const flo
           if (ks[k].parts) splat_q<NZ, TAIL, 0>(ks[k], i, e, eh);
       }
     }
-    if (out)
+    if (out && out_rows) {
+      for (int p = 0; p < n; ++p) std::memcpy(out + (i0 + p) * L, tile + p * Lp, L * sizeof(float));
+    } else if (out) {
       for (int64_t c0 = 0; c0 < L; c0 += 16)
         transpose16(tile + c0, Lp, n, static_cast<int>(std::min<int64_t>(16, L - c0)), out + c0 * N + i0, N);
+    }
   }
 }
 
 using MeanFieldBlockFn = void (*)(const MeanFieldKernel*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t,
-                                  float*);
+                                  float*, bool);
 
 template <int DA, int DB>
 MeanFieldBlockFn mean_field_block_width(int64_t Lp) {
@@ -1102,9 +1105,10 @@ inline MeanFieldBlockFn mean_field_block_for(int64_t Lp, const std::vector<int64
 #endif
 
 // Mean-field inference with K Gaussian kernels, one pass over the pixels per iteration on top of
-// each kernel's splat and blur. logits [L, N] float32 (the unary's own layout); lattices: 3 tensors
-// per kernel; pre/post [K, N] per-pixel normalisation before splatting / after slicing; compat
-// [K, L, L], subtracted (Potts of weight w is -w * I). Returns Q [L, N].
+// each kernel's splat and blur. logits [L, N] float32: contiguous (the unary's own layout), or the
+// transpose of a contiguous [N, L] (pydensecrf's); lattices: 3 tensors per kernel; pre/post [K, N]
+// per-pixel normalisation before splatting / after slicing; compat [K, L, L], subtracted (Potts of
+// weight w is -w * I). Returns Q [L, N] in the logits' layout.
 Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices, const Tensor& pre_in,
                                 const Tensor& post_in, const Tensor& compat_in, int64_t iterations) {
   TORCH_CHECK_VALUE(logits_in.dim() == 2 && logits_in.scalar_type() == at::kFloat,
@@ -1124,8 +1128,11 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
     lats.push_back(view_lattice(lattices[3 * k], lattices[3 * k + 1], lattices[3 * k + 2]));
     TORCH_CHECK_VALUE(lats.back().N == N, "lattice ", k, " has ", lats.back().N, " points, logits have ", N);
   }
-  const Tensor logits = logits_in.contiguous(), pre = pre_in.contiguous(), post = post_in.contiguous(),
-               compat = compat_in.contiguous();
+  // Label-major logits ([L, N] contiguous: a unary's own layout) or point-major ones (the transpose
+  // of a contiguous [N, L], pydensecrf's layout); Q is returned in the same layout.
+  const bool point_major = !logits_in.is_contiguous() && logits_in.t().is_contiguous();
+  const Tensor logits = point_major ? logits_in : logits_in.contiguous(), pre = pre_in.contiguous(),
+               post = post_in.contiguous(), compat = compat_in.contiguous();
 #ifdef DSF_HAVE_AVX512_KERNELS
   // Labels held in registers through the whole update when they fit in up to four vectors; the
   // label axis is then padded to half registers (8 floats).
@@ -1155,32 +1162,43 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
   // Point-major logits and Q, rows of ls floats: unpadded for the register-resident update, else
   // padded to Lp with logits of -1e30, which never win the max and exp to 0.
   const int64_t ls = fast_block ? L : Lp;
-  Tensor lp = empty_output({N, ls}, at::kFloat, at::MemoryFormat::Contiguous);
+  const float* lg = logits.const_data_ptr<float>();
+  // Point-major logits given unpadded are used as they are.
+  const bool own_rows = !(point_major && ls == L);
+  Tensor lp = own_rows ? empty_output({N, ls}, at::kFloat, at::MemoryFormat::Contiguous) : Tensor();
   // Q [N, Lp] of the portable path (the register-resident one writes out directly).
   Tensor q = fast_block ? Tensor() : empty_output({N, ls}, at::kFloat, at::MemoryFormat::Contiguous);
-  Tensor out = empty_output({L, N}, at::kFloat, at::MemoryFormat::Contiguous);
+  Tensor out = point_major ? empty_output({N, L}, at::kFloat, at::MemoryFormat::Contiguous).t()
+                           : empty_output({L, N}, at::kFloat, at::MemoryFormat::Contiguous);
   float* o = out.mutable_data_ptr<float>();
-  float* lpp = lp.mutable_data_ptr<float>();
+  const float* lpp = own_rows ? lp.const_data_ptr<float>() : lg;
   float* qp = q.defined() ? q.mutable_data_ptr<float>() : nullptr;
-  const float* lg = logits.const_data_ptr<float>();
-  // Transposed in blocks of 64 points, so each label's read is a contiguous run and the written rows
-  // stay in L1; with AVX-512, in 16 x 16 blocks in registers.
-  at::parallel_for(0, (N + 63) / 64, 16, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t i0 = b * 64, i1 = std::min(N, i0 + 64);
+  if (own_rows) {
+    float* rows = lp.mutable_data_ptr<float>();
+    // Label-major logits are transposed in blocks of 64 points, so each label's read is a contiguous
+    // run and the written rows stay in L1; with AVX-512, in 16 x 16 blocks in registers.
+    at::parallel_for(0, (N + 63) / 64, 16, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t i0 = b * 64, i1 = std::min(N, i0 + 64);
+        if (point_major) {  // padded copies of the rows
+          for (int64_t i = i0; i < i1; ++i)
+            for (int64_t c = 0; c < ls; ++c) rows[i * ls + c] = c < L ? lg[i * L + c] : -1e30f;
+          continue;
+        }
 #ifdef DSF_HAVE_AVX512_KERNELS
-      if (fast_block) {  // unpadded rows (ls = L)
-        for (int64_t j0 = i0; j0 < i1; j0 += 16)
-          for (int64_t c0 = 0; c0 < L; c0 += 16)
-            avx512::transpose16(lg + c0 * N + j0, N, static_cast<int>(std::min<int64_t>(16, L - c0)),
-                                static_cast<int>(std::min<int64_t>(16, i1 - j0)), lpp + j0 * ls + c0, ls);
-        continue;
-      }
+        if (fast_block) {  // unpadded rows (ls = L)
+          for (int64_t j0 = i0; j0 < i1; j0 += 16)
+            for (int64_t c0 = 0; c0 < L; c0 += 16)
+              avx512::transpose16(lg + c0 * N + j0, N, static_cast<int>(std::min<int64_t>(16, L - c0)),
+                                  static_cast<int>(std::min<int64_t>(16, i1 - j0)), rows + j0 * ls + c0, ls);
+          continue;
+        }
 #endif
-      for (int64_t c = 0; c < ls; ++c)
-        for (int64_t i = i0; i < i1; ++i) lpp[i * ls + c] = c < L ? lg[c * N + i] : -1e30f;
-    }
-  });
+        for (int64_t c = 0; c < ls; ++c)
+          for (int64_t i = i0; i < i1; ++i) rows[i * ls + c] = c < L ? lg[c * N + i] : -1e30f;
+      }
+    });
+  }
   std::vector<VertexBuffers<float>> vbufs;
   for (int64_t k = 0; k < K && iterations > 0; ++k) vbufs.emplace_back(lats[k], Lp, at::kFloat);
   const float* pre_p = pre.const_data_ptr<float>();
@@ -1223,7 +1241,8 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
             ks[k].blurred = blurred[k];
             ks[k].parts = splat_next ? vbufs[k].parts.mutable_data_ptr<float>() + p * vbufs[k].rows * Lp : nullptr;
           }
-          fast_block(ks.data(), K, lpp, L, N, part_begin(p, N), part_begin(p + 1, N), splat_next ? nullptr : o);
+          fast_block(ks.data(), K, lpp, L, N, part_begin(p, N), part_begin(p + 1, N), splat_next ? nullptr : o,
+                     point_major);
           continue;
         }
 #endif
@@ -1243,6 +1262,10 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
   at::parallel_for(0, (N + 63) / 64, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t i0 = b * 64, i1 = std::min(N, i0 + 64);
+      if (point_major) {
+        for (int64_t i = i0; i < i1; ++i) std::memcpy(o + i * L, qp + i * ls, L * sizeof(float));
+        continue;
+      }
       for (int64_t l = 0; l < L; ++l)
         for (int64_t i = i0; i < i1; ++i) o[l * N + i] = qp[i * ls + l];
     }

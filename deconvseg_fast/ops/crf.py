@@ -45,8 +45,16 @@ def _splat_blur_fake(values, scale, offsets, weights, neighbors, reverse):
     return values.new_empty((neighbors.shape[1] + 1, values.shape[1]))
 
 
+def _point_major(logits: torch.Tensor) -> bool:
+    """Whether [L, N] logits are the transpose of a contiguous [N, L] tensor (pydensecrf's layout);
+    dense_crf_mean_field returns Q in the layout of its logits: this one, or contiguous [L, N]."""
+    return not logits.is_contiguous() and logits.t().is_contiguous()
+
+
 @torch.library.register_fake("deconvseg::dense_crf_mean_field")
 def _mean_field_fake(logits, lattices, pre, post, compat, iterations):
+    if _point_major(logits):
+        return logits.new_empty(logits.shape[::-1]).t()
     return logits.new_empty(logits.shape)
 
 
@@ -126,11 +134,16 @@ def mean_field(logits: torch.Tensor, lattices, pre: torch.Tensor, post: torch.Te
     each kernel's per-point normalisation before splatting and after slicing (ones for none);
     compat [K, L, L]: each kernel's compatibility, subtracted (Potts of weight w is -w * I).
     Per iteration: Q <- softmax(logits - sum_k compat_k (post_k * filter_k(pre_k * Q))).
-    Returns Q [L, N].
+    Returns Q [L, N]. Logits that are the transpose of a contiguous [N, L] tensor (pydensecrf's
+    layout) are read as they are, and Q comes back in that layout too; any other layout is made
+    contiguous [L, N].
     """
     flat = [t for lat in lattices for t in lat.tensors]
-    return _ops.dense_crf_mean_field.default(logits.float().contiguous(), flat, pre.float().contiguous(),
-                                             post.float().contiguous(), compat.float().contiguous(), int(iterations))
+    logits = logits.float()
+    if not _point_major(logits):
+        logits = logits.contiguous()
+    return _ops.dense_crf_mean_field.default(logits, flat, pre.float().contiguous(), post.float().contiguous(),
+                                             compat.float().contiguous(), int(iterations))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -187,7 +200,7 @@ def _check_mean_field(logits, lattices, pre, post, compat, iterations):
 
 
 def _mean_field_cuda(logits, lattices, pre, post, compat, iterations):
-    """dense_crf_mean_field for "cuda": logits [L, N] -> Q [L, N] (contiguous, as the CPU op)."""
+    """dense_crf_mean_field for "cuda": logits [L, N] -> Q [L, N], in the logits' layout as the CPU op."""
     L, N, K = _check_mean_field(logits, lattices, pre, post, compat, iterations)
     lats = [tuple(t.contiguous() for t in lattices[3 * k:3 * k + 3]) for k in range(K)]
     pre, post, compat = pre.contiguous(), post.contiguous(), compat.contiguous()
@@ -211,7 +224,10 @@ def _mean_field_cuda(logits, lattices, pre, post, compat, iterations):
             raise ValueError(f"neighbors hold out-of-range vertices (expected 0..{m})")
     diagonal = [not g for g in host[2 * K:]]
 
-    result = torch.empty((L, N), dtype=torch.float32, device=logits.device)
+    if _point_major(logits):
+        result = torch.empty((N, L), dtype=torch.float32, device=logits.device).t()
+    else:
+        result = torch.empty((L, N), dtype=torch.float32, device=logits.device)
     if result.numel() == 0:
         return result
     tc = _triton()
