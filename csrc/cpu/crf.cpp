@@ -881,7 +881,8 @@ DSF_AVX512 inline void transpose16(const float* __restrict src, int64_t src_stri
   const __mmask16 col_mask = static_cast<__mmask16>(cols >= 16 ? 0xFFFFu : (1u << cols) - 1u);
   const __mmask16 row_mask = static_cast<__mmask16>(rows >= 16 ? 0xFFFFu : (1u << rows) - 1u);
   __m512 r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = i < rows ? _mm512_maskz_loadu_ps(col_mask, src + i * src_stride) : _mm512_setzero_ps();
+  for (int i = 0; i < 16; ++i)
+    r[i] = i < rows ? _mm512_maskz_loadu_ps(col_mask, src + i * src_stride) : _mm512_setzero_ps();
   for (int k = 0; k < 8; ++k) {  // per 128-bit lane: elements 4l, 4l+1 (lo) and 4l+2, 4l+3 (hi) of two rows
     t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
     t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
@@ -917,10 +918,10 @@ inline void prefetch_nta(const T* p, int64_t count) {
 }
 
 // The sixteen horizontal reductions of rows[0..15] (each 16 floats) at once: lane p of the result
-// is the max (kMax) or the sum of rows[p]'s lanes. The lanes are paired as _mm512_reduce_add_ps pairs them -- j with
-// j + 8, then j + 4, j + 2, j + 1 -- so an add gives the same bits as that reduction of each row;
-// but a tree over sixteen rows needs 45 shuffles and ops where sixteen single-row reductions need
-// over a hundred, each a chain the next pixel waits on.
+// is the max (kMax) or the sum of rows[p]'s lanes. The lanes are paired as _mm512_reduce_add_ps
+// pairs them -- j with j + 8, then j + 4, j + 2, j + 1 -- so an add gives the same bits as that
+// reduction of each row; but a tree over sixteen rows needs 45 shuffles and ops where sixteen
+// single-row reductions need over a hundred, each a chain the next pixel waits on.
 template <bool kMax>
 DSF_AVX512 __attribute__((always_inline)) inline __m512 reduce16_rows(const float* rows) {
   const auto op = [](__m512 a, __m512 b) DSF_AVX512 { return kMax ? _mm512_max_ps(a, b) : _mm512_add_ps(a, b); };
@@ -1041,8 +1042,7 @@ DSF_AVX512 void mean_field_block(const MeanFieldKernel* ks, int64_t K, const flo
       _mm512_store_ps(lanes + 16 * p, sum);
     }
     for (int p = n; p < 16; ++p) _mm512_store_ps(lanes + 16 * p, _mm512_set1_ps(1.0f));
-    _mm512_store_ps(inv, _mm512_div_ps(_mm512_set1_ps(1.0f),
-                                       reduce16_rows<false>(lanes)));
+    _mm512_store_ps(inv, _mm512_div_ps(_mm512_set1_ps(1.0f), reduce16_rows<false>(lanes)));
     // 3. Q: splatted for the next iteration, kept in the tile for the output on the last pass.
     for (int p = 0; p < n; ++p) {
       const int64_t i = i0 + p;
@@ -1259,13 +1259,13 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
     });
   }
   if (fast_block) return out;  // written by the last pass
+  if (point_major) {
+    copy_rows<float>(qp, ls, o, L, N);
+    return out;
+  }
   at::parallel_for(0, (N + 63) / 64, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t i0 = b * 64, i1 = std::min(N, i0 + 64);
-      if (point_major) {
-        for (int64_t i = i0; i < i1; ++i) std::memcpy(o + i * L, qp + i * ls, L * sizeof(float));
-        continue;
-      }
       for (int64_t l = 0; l < L; ++l)
         for (int64_t i = i0; i < i1; ++i) o[l * N + i] = qp[i * ls + l];
     }
