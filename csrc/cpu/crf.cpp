@@ -130,6 +130,42 @@ class VertexTable {
 #ifdef DSF_HAVE_AVX512_KERNELS
 namespace avx512 {
 
+// dst[c * dst_stride + r] = src[r * src_stride + c] for r < rows, c < cols (each at most 16): one
+// 16 x 16 block transposed in registers; masked loads and stores do the edges.
+DSF_AVX512 inline void transpose16(const float* __restrict src, int64_t src_stride, int rows, int cols,
+                                   float* __restrict dst, int64_t dst_stride) {
+  const __mmask16 col_mask = static_cast<__mmask16>(cols >= 16 ? 0xFFFFu : (1u << cols) - 1u);
+  const __mmask16 row_mask = static_cast<__mmask16>(rows >= 16 ? 0xFFFFu : (1u << rows) - 1u);
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i)
+    r[i] = i < rows ? _mm512_maskz_loadu_ps(col_mask, src + i * src_stride) : _mm512_setzero_ps();
+  for (int k = 0; k < 8; ++k) {  // per 128-bit lane: elements 4l, 4l+1 (lo) and 4l+2, 4l+3 (hi) of two rows
+    t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+  }
+  for (int k = 0; k < 4; ++k) {  // r[4k + m], 128-bit lane l: rows 4k .. 4k+3 of column 4l + m
+    const __m512d a = _mm512_castps_pd(t[4 * k]), b = _mm512_castps_pd(t[4 * k + 1]);
+    const __m512d c = _mm512_castps_pd(t[4 * k + 2]), e = _mm512_castps_pd(t[4 * k + 3]);
+    r[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+    r[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+    r[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, e));
+    r[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, e));
+  }
+  for (int h = 0; h < 2; ++h)  // rows 8h .. 8h+7: columns m, 8+m (t[8h + m]) and 4+m, 12+m (t[8h + 4 + m])
+    for (int m = 0; m < 4; ++m) {
+      t[8 * h + m] = _mm512_shuffle_f32x4(r[8 * h + m], r[8 * h + 4 + m], 0x88);
+      t[8 * h + 4 + m] = _mm512_shuffle_f32x4(r[8 * h + m], r[8 * h + 4 + m], 0xDD);
+    }
+  for (int m = 0; m < 4; ++m) {  // whole columns: m, 8+m, 4+m, 12+m
+    const __m512 col[4] = {_mm512_shuffle_f32x4(t[m], t[8 + m], 0x88), _mm512_shuffle_f32x4(t[m], t[8 + m], 0xDD),
+                           _mm512_shuffle_f32x4(t[4 + m], t[12 + m], 0x88),
+                           _mm512_shuffle_f32x4(t[4 + m], t[12 + m], 0xDD)};
+    const int index[4] = {m, 8 + m, 4 + m, 12 + m};
+    for (int j = 0; j < 4; ++j)
+      if (index[j] < cols) _mm512_mask_storeu_ps(dst + index[j] * dst_stride, row_mask, col[j]);
+  }
+}
+
 // a * b rounded on its own. GCC implements _mm512_mul_ps as plain vector arithmetic and may fuse it
 // with a following add into an FMA (one rounding instead of two); the explicit-rounding form is
 // never fused, so the products round exactly as the scalar code's do.
@@ -144,13 +180,15 @@ template <int D>
 DSF_AVX512 void enclosing_simplex16(const float* __restrict f, const float* __restrict scale, int32_t* __restrict key,
                                     float* __restrict bary) {
   constexpr int D1 = D + 1;
-  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   const __m512i one = _mm512_set1_epi32(1), zero_i = _mm512_setzero_si512();
   __m512 elevated[D1];
   __m512 sm = _mm512_setzero_ps();
-  const __m512i f_at = _mm512_mullo_epi32(lane, _mm512_set1_epi32(D));
+  // In and out through 16 x 16 register transposes: Zen 4 runs gathers and, above all, scatters
+  // an element at a time.
+  alignas(64) float ft[D * 16];  // [D, 16]: the features, one row per coordinate
+  transpose16(f, D, 16, D, ft, 16);
   for (int j = D; j > 0; --j) {
-    const __m512 cf = mul_exact(_mm512_i32gather_ps(f_at, f + (j - 1), 4), _mm512_set1_ps(scale[j - 1]));
+    const __m512 cf = mul_exact(_mm512_load_ps(ft + (j - 1) * 16), _mm512_set1_ps(scale[j - 1]));
     elevated[j] = _mm512_sub_ps(sm, mul_exact(_mm512_set1_ps(static_cast<float>(j)), cf));
     sm = _mm512_add_ps(sm, cf);
   }
@@ -200,17 +238,22 @@ DSF_AVX512 void enclosing_simplex16(const float* __restrict f, const float* __re
     }
   }
   b[0] = _mm512_add_ps(b[0], _mm512_add_ps(_mm512_set1_ps(1.0f), b[D1]));
-  const __m512i key_at = _mm512_mullo_epi32(lane, _mm512_set1_epi32(D1 * D));
-  const __m512i bary_at = _mm512_mullo_epi32(lane, d1);
+  alignas(64) int32_t kt[D1 * D * 16];  // [D1 * D, 16]: coordinate i of corner r in row r * D + i
+  alignas(64) float bt[D1 * 16];        // [D1, 16]
   for (int r = 0; r < D1; ++r) {
     for (int i = 0; i < D; ++i) {
       const __mmask16 le = _mm512_cmple_epi32_mask(rank[i], _mm512_set1_epi32(D - r));
       const __m512i k = _mm512_mask_blend_epi32(le, _mm512_add_epi32(rem0[i], _mm512_set1_epi32(r - D1)),
                                                 _mm512_add_epi32(rem0[i], _mm512_set1_epi32(r)));
-      _mm512_i32scatter_epi32(key + r * D + i, key_at, k, 4);
+      _mm512_store_si512(kt + (r * D + i) * 16, k);
     }
-    _mm512_i32scatter_ps(bary + r, bary_at, b[r], 4);
+    _mm512_store_ps(bt + r * 16, b[r]);
   }
+  // The keys move as float bit patterns: loads, shuffles and stores never change bits.
+  for (int j0 = 0; j0 < D1 * D; j0 += 16)
+    transpose16(reinterpret_cast<const float*>(kt + j0 * 16), 16, std::min(16, D1 * D - j0), 16,
+                reinterpret_cast<float*>(key + j0), D1 * D);
+  transpose16(bt, 16, D1, 16, bary, D1);
 }
 
 using Simplex16Fn = void (*)(const float*, const float*, int32_t*, float*);
@@ -871,42 +914,6 @@ DSF_AVX512 __attribute__((always_inline)) inline void splat_q(const MeanFieldKer
       _mm512_storeu_ps(row + 16 * v, _mm512_fmadd_ps(wr, sv[v], _mm512_loadu_ps(row + 16 * v)));
     if constexpr (TAIL)
       _mm256_storeu_ps(row + T0, _mm256_fmadd_ps(_mm512_castps512_ps256(wr), svh, _mm256_loadu_ps(row + T0)));
-  }
-}
-
-// dst[c * dst_stride + r] = src[r * src_stride + c] for r < rows, c < cols (each at most 16): one
-// 16 x 16 block transposed in registers; masked loads and stores do the edges.
-DSF_AVX512 inline void transpose16(const float* __restrict src, int64_t src_stride, int rows, int cols,
-                                   float* __restrict dst, int64_t dst_stride) {
-  const __mmask16 col_mask = static_cast<__mmask16>(cols >= 16 ? 0xFFFFu : (1u << cols) - 1u);
-  const __mmask16 row_mask = static_cast<__mmask16>(rows >= 16 ? 0xFFFFu : (1u << rows) - 1u);
-  __m512 r[16], t[16];
-  for (int i = 0; i < 16; ++i)
-    r[i] = i < rows ? _mm512_maskz_loadu_ps(col_mask, src + i * src_stride) : _mm512_setzero_ps();
-  for (int k = 0; k < 8; ++k) {  // per 128-bit lane: elements 4l, 4l+1 (lo) and 4l+2, 4l+3 (hi) of two rows
-    t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
-    t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
-  }
-  for (int k = 0; k < 4; ++k) {  // r[4k + m], 128-bit lane l: rows 4k .. 4k+3 of column 4l + m
-    const __m512d a = _mm512_castps_pd(t[4 * k]), b = _mm512_castps_pd(t[4 * k + 1]);
-    const __m512d c = _mm512_castps_pd(t[4 * k + 2]), e = _mm512_castps_pd(t[4 * k + 3]);
-    r[4 * k] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
-    r[4 * k + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
-    r[4 * k + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, e));
-    r[4 * k + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, e));
-  }
-  for (int h = 0; h < 2; ++h)  // rows 8h .. 8h+7: columns m, 8+m (t[8h + m]) and 4+m, 12+m (t[8h + 4 + m])
-    for (int m = 0; m < 4; ++m) {
-      t[8 * h + m] = _mm512_shuffle_f32x4(r[8 * h + m], r[8 * h + 4 + m], 0x88);
-      t[8 * h + 4 + m] = _mm512_shuffle_f32x4(r[8 * h + m], r[8 * h + 4 + m], 0xDD);
-    }
-  for (int m = 0; m < 4; ++m) {  // whole columns: m, 8+m, 4+m, 12+m
-    const __m512 col[4] = {_mm512_shuffle_f32x4(t[m], t[8 + m], 0x88), _mm512_shuffle_f32x4(t[m], t[8 + m], 0xDD),
-                           _mm512_shuffle_f32x4(t[4 + m], t[12 + m], 0x88),
-                           _mm512_shuffle_f32x4(t[4 + m], t[12 + m], 0xDD)};
-    const int index[4] = {m, 8 + m, 4 + m, 12 + m};
-    for (int j = 0; j < 4; ++j)
-      if (index[j] < cols) _mm512_mask_storeu_ps(dst + index[j] * dst_stride, row_mask, col[j]);
   }
 }
 
