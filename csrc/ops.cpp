@@ -49,10 +49,16 @@ TORCH_LIBRARY(deconvseg, m) {
   m.def(
       "permutohedral_splat_blur(Tensor values, Tensor? scale, Tensor offsets, Tensor weights, Tensor neighbors, "
       "bool reverse) -> Tensor");
-  // Mean-field inference (no autograd) with K kernels: logits [N, L] float32, 3 lattice tensors per
-  // kernel, pre/post [K, N] normalisation, compat [K, L, L] subtracted from the logits -> Q [N, L].
+  // Mean-field inference (no autograd) with K kernels: logits [L, N] float32 (or the transpose of a
+  // contiguous [N, L]), 3 lattice tensors per kernel, pre/post [K, N] normalisation, compat [K, L, L]
+  // subtracted from the logits -> Q [L, N] in the logits' layout.
   m.def(
       "dense_crf_mean_field(Tensor logits, Tensor[] lattices, Tensor pre, Tensor post, Tensor compat, "
+      "int iterations) -> Tensor");
+  // The same for a batch of B point sets of N points each: logits [B, L, N], 3 lattice tensors per
+  // kernel per image (image-major), pre/post [B, K, N], compat [K, L, L] -> Q [B, L, N].
+  m.def(
+      "dense_crf_mean_field_batch(Tensor logits, Tensor[] lattices, Tensor pre, Tensor post, Tensor compat, "
       "int iterations) -> Tensor");
   // Proposal paste-and-aggregate (DeconvNet's instance-wise inference, docs/proposals.md): scores
   // [P, C, h, w], boxes [P, 4] (x1, y1, x2, y2), image_index [P] int64, output_size (B, H, W) ->

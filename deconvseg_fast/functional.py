@@ -294,15 +294,28 @@ def dense_crf(
     g_norm = _grid_norm(gaussian, 1, H, W, sg, None, normalization, dtype)
     weights = (gaussian_weight, bilateral_weight)
     needs_grad = _needs_grad(unary, gaussian_weight, bilateral_weight, compat)
-    out = []
+    # Fused CPU inference of a batch: every image's lattices first, then one call for the whole
+    # batch, which runs the images one per thread (ops/crf.py mean_field_batch) and returns the
+    # batch's Q without a copy. Otherwise one image at a time, each on every thread.
+    fused_cpu = B > 1 and not needs_grad and dtype == torch.float32 and unary.device.type == "cpu"
+    out, sets = [], []
     for b in range(B):
         red, green, blue = image[b].reshape(3, -1).to(torch.float32) / sc
         bilateral = _crf.Lattice.from_points(torch.stack([xs / sb, ys / sb, red, green, blue], dim=1))
         lattices = (gaussian, bilateral)
         norms = (g_norm, _crf_norm(bilateral, H * W, normalization, dtype))
+        if fused_cpu:
+            sets.append((lattices, norms))
+            continue
         q = _mean_field(unary[b].reshape(L, -1), lattices, norms, weights, compat, normalization, iterations,
                         needs_grad, unary, "one image")
         out.append(q.reshape(L, H, W))
+    if fused_cpu:
+        at_once = min(B, torch.get_num_threads())
+        need = at_once * max(_mean_field_memory(lattices, H * W, L, 4) for lattices, _norms in sets)
+        _refuse_if_too_big(need, unary, "one image" if at_once == 1 else f"{at_once} images at once (one per thread)")
+        q = _mean_field_fused_batch(unary.reshape(B, L, -1), sets, weights, compat, normalization, iterations)
+        return q.reshape(B, L, H, W)
     return out[0].unsqueeze(0) if B == 1 else torch.stack(out)
 
 
@@ -411,17 +424,35 @@ def _mean_field_composed(logits, lattices, norms, weights, compat, normalization
     return q
 
 
+def _fused_operands(labels: int, n: int, norms, weights, compat, normalization, device):
+    """The fused op's pre / post [K, N] normalisations and compat [K, L, L] matrices of one point set."""
+    ones = torch.ones(n, device=device)
+    pre = torch.stack([norm.view(-1) if normalization in ("symmetric", "before") else ones for norm in norms])
+    post = pre if normalization in ("symmetric", "none") else torch.stack(
+        [norm.view(-1) if normalization == "after" else ones for norm in norms])  # one array read, not two
+    eye = torch.eye(labels, device=device)
+    mats = [float(w) * (compat.detach().float() if compat is not None else -eye) for w in weights]
+    return pre, post, torch.stack(mats)
+
+
 def _mean_field_fused(logits, lattices, norms, weights, compat, normalization, iterations):
     # Inference only: one C++ call runs every iteration (slice, compatibility, softmax fused).
     # logits [L, N] -> Q [L, N].
     labels, n = logits.shape
-    ones = torch.ones(n, device=logits.device)
-    pre = torch.stack([norm.view(-1) if normalization in ("symmetric", "before") else ones for norm in norms])
-    post = pre if normalization in ("symmetric", "none") else torch.stack(
-        [norm.view(-1) if normalization == "after" else ones for norm in norms])  # one array read, not two
-    eye = torch.eye(labels, device=logits.device)
-    mats = [float(w) * (compat.detach().float() if compat is not None else -eye) for w in weights]
-    return _crf.mean_field(logits, lattices, pre, post, torch.stack(mats), iterations)
+    pre, post, mats = _fused_operands(labels, n, norms, weights, compat, normalization, logits.device)
+    return _crf.mean_field(logits, lattices, pre, post, mats, iterations)
+
+
+def _mean_field_fused_batch(logits, sets, weights, compat, normalization, iterations):
+    # The same for a group of images in one call, one image per thread on the CPU: logits [B, L, N],
+    # sets: each image's (lattices, norms) -> Q [B, L, N].
+    _, labels, n = logits.shape
+    operands = [_fused_operands(labels, n, norms, weights, compat, normalization, logits.device)
+                for _lattices, norms in sets]
+    pre = torch.stack([o[0] for o in operands])
+    post = torch.stack([o[1] for o in operands])
+    return _crf.mean_field_batch(logits, [lattices for lattices, _norms in sets], pre, post, operands[0][2],
+                                 iterations)
 
 
 def _crf_norm(lattice, n: int, normalization: str, dtype) -> torch.Tensor | None:

@@ -264,6 +264,66 @@ def test_opcheck_mean_field(point_major):
     torch.library.opcheck(ops.dense_crf_mean_field.default, (logits, flat, pre, pre, compat, 2))
 
 
+def _batch_inputs(labels, images=3):
+    # Each image its own lattices, logits and normalisation; one compat for the batch.
+    sets = [_mean_field_inputs(labels, seed=seed) for seed in range(images)]
+    logits = torch.stack([s[0] for s in sets])
+    pre = torch.stack([s[2] for s in sets])
+    return logits, [s[1] for s in sets], pre, sets[0][3]
+
+
+@pytest.mark.parametrize("labels", [1, 5, 21, 70])  # registers (fixed corners) and the portable path
+@pytest.mark.parametrize("iterations", [0, 3])
+def test_mean_field_batch_is_each_image_alone(labels, iterations):
+    # The batch op runs its images one per thread, and those left over after the last full round on
+    # every thread: each image must get the single-image op's bits, for any thread count, in
+    # either layout.
+    from deconvseg_fast.ops.crf import mean_field, mean_field_batch
+    logits, lattice_sets, pre, compat = _batch_inputs(labels)
+    expect = torch.stack([mean_field(logits[b], lattice_sets[b], pre[b], pre[b], compat, iterations)
+                          for b in range(3)])
+    point_major = logits.transpose(1, 2).contiguous().transpose(1, 2)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            q = mean_field_batch(logits, lattice_sets, pre, pre, compat, iterations)
+            assert q.is_contiguous() and torch.equal(q, expect), t
+            q_pm = mean_field_batch(point_major, lattice_sets, pre, pre, compat, iterations)
+            assert q_pm.transpose(1, 2).is_contiguous() and torch.equal(q_pm, expect), t
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("point_major", [False, True])
+def test_opcheck_mean_field_batch(point_major):
+    logits, lattice_sets, pre, compat = _batch_inputs(5, images=2)
+    if point_major:
+        logits = logits.transpose(1, 2).contiguous().transpose(1, 2)
+    flat = [t for lats in lattice_sets for lat in lats for t in lat.tensors]
+    torch.library.opcheck(ops.dense_crf_mean_field_batch.default, (logits, flat, pre, pre, compat, 2))
+
+
+def test_mean_field_batch_bad_input():
+    logits, lattice_sets, pre, compat = _batch_inputs(5, images=2)
+    flat = [t for lats in lattice_sets for lat in lats for t in lat.tensors]
+    op = ops.dense_crf_mean_field_batch
+    with pytest.raises(ValueError, match=r"logits must be a float32 \[B, L, N\] tensor"):
+        op(logits[0], flat, pre, pre, compat, 2)
+    with pytest.raises(ValueError, match="lattices must hold 3 tensors per kernel per image, got 9"):
+        op(logits, flat[:9], pre, pre, compat, 2)
+    with pytest.raises(ValueError, match=r"pre must be a float32 \[B, K, N\] tensor"):
+        op(logits, flat, pre[:1], pre, compat, 2)
+    with pytest.raises(ValueError, match=r"post must be a float32 \[B, K, N\] tensor"):
+        op(logits, flat, pre, pre.double(), compat, 2)
+    with pytest.raises(ValueError, match="iterations must be non-negative"):
+        op(logits, flat, pre, pre, compat, -1)
+    other = Lattice.from_points(torch.rand(logits.shape[2] + 1, 2))
+    with pytest.raises(ValueError, match="lattice 1 of image 1 has 100 points, logits have 99"):
+        op(logits, flat[:9] + list(other.tensors), pre, pre, compat, 2)
+    assert op(logits[:0], [], pre[:0], pre[:0], compat, 2).shape == (0, 5, 99)
+
+
 def test_torch_compile_fullgraph_filter():
     lat = Lattice(torch.rand(3, 50, generator=torch.Generator().manual_seed(0)) * 2)
 

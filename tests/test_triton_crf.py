@@ -177,6 +177,25 @@ def test_no_pixels():
 
 def test_registered_for_cuda():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("deconvseg::dense_crf_mean_field", "CUDA")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("deconvseg::dense_crf_mean_field_batch", "CUDA")
+
+
+@pytest.mark.parametrize("point_major", [False, True])
+def test_batch_matches_cpu_op(point_major):
+    # The "cuda" batch op runs its images one after another through _mean_field_cuda.
+    images = [problem(70, 3, (2, 5), "mixed", seed=seed) for seed in range(2)]
+    logits = torch.stack([p[0] for p in images])
+    if point_major:
+        logits = logits.transpose(1, 2).contiguous().transpose(1, 2)
+    lattices = [t for p in images for t in p[1]]
+    pre, post, compat = torch.stack([p[2] for p in images]), torch.stack([p[3] for p in images]), images[0][4]
+    ref = torch.ops.deconvseg.dense_crf_mean_field_batch(logits, lattices, pre, post, compat, 2)
+    got = ops_crf._mean_field_batch_cuda(logits.to(DEVICE), [t.to(DEVICE) for t in lattices], pre.to(DEVICE),
+                                         post.to(DEVICE), compat.to(DEVICE), 2)
+    check(got, ref)
+    with pytest.raises(ValueError, match="lattices must hold 3 tensors per kernel per image"):
+        ops_crf._mean_field_batch_cuda(logits.to(DEVICE), [t.to(DEVICE) for t in lattices[:9]], pre.to(DEVICE),
+                                       post.to(DEVICE), compat.to(DEVICE), 2)
 
 
 def test_import_compiles_nothing():

@@ -1107,35 +1107,16 @@ inline MeanFieldBlockFn mean_field_block_for(int64_t Lp, const std::vector<int64
 }  // namespace avx512
 #endif
 
-// Mean-field inference with K Gaussian kernels, one pass over the pixels per iteration on top of
-// each kernel's splat and blur. logits [L, N] float32: contiguous (the unary's own layout), or the
-// transpose of a contiguous [N, L] (pydensecrf's); lattices: 3 tensors per kernel; pre/post [K, N]
-// per-pixel normalisation before splatting / after slicing; compat [K, L, L], subtracted (Potts of
-// weight w is -w * I). Returns Q [L, N] in the logits' layout.
-Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices, const Tensor& pre_in,
-                                const Tensor& post_in, const Tensor& compat_in, int64_t iterations) {
-  TORCH_CHECK_VALUE(logits_in.dim() == 2 && logits_in.scalar_type() == at::kFloat,
-                    "logits must be a float32 [L, N] tensor");
-  TORCH_CHECK_VALUE(lattices.size() % 3 == 0 && !lattices.empty(), "lattices must hold 3 tensors per kernel, got ",
-                    lattices.size());
-  TORCH_CHECK_VALUE(iterations >= 0, "iterations must be non-negative, got ", iterations);
-  const int64_t L = logits_in.size(0), N = logits_in.size(1), K = static_cast<int64_t>(lattices.size() / 3);
-  TORCH_CHECK_VALUE(pre_in.sizes() == at::IntArrayRef({K, N}) && pre_in.scalar_type() == at::kFloat,
-                    "pre must be a float32 [K, N] tensor");
-  TORCH_CHECK_VALUE(post_in.sizes() == at::IntArrayRef({K, N}) && post_in.scalar_type() == at::kFloat,
-                    "post must be a float32 [K, N] tensor");
-  TORCH_CHECK_VALUE(compat_in.sizes() == at::IntArrayRef({K, L, L}) && compat_in.scalar_type() == at::kFloat,
-                    "compat must be a float32 [K, L, L] tensor");
-  std::vector<LatticeView> lats;
-  for (int64_t k = 0; k < K; ++k) {
-    lats.push_back(view_lattice(lattices[3 * k], lattices[3 * k + 1], lattices[3 * k + 2]));
-    TORCH_CHECK_VALUE(lats.back().N == N, "lattice ", k, " has ", lats.back().N, " points, logits have ", N);
-  }
-  // Label-major logits ([L, N] contiguous: a unary's own layout) or point-major ones (the transpose
-  // of a contiguous [N, L], pydensecrf's layout); Q is returned in the same layout.
-  const bool point_major = !logits_in.is_contiguous() && logits_in.t().is_contiguous();
-  const Tensor logits = point_major ? logits_in : logits_in.contiguous(), pre = pre_in.contiguous(),
-               post = post_in.contiguous(), compat = compat_in.contiguous();
+// Mean-field inference of one point set with K Gaussian kernels, one pass over the points per
+// iteration on top of each kernel's splat and blur. logits [L, N]: label-major (contiguous, a
+// unary's own layout) or point_major (the transpose of a contiguous [N, L], pydensecrf's); lats:
+// the K lattices, validated; pre / post [K, N] per-point normalisation before splatting / after
+// slicing; compat [K, L, L], subtracted (Potts of weight w is -w * I). Writes Q [L, N] to o, in the
+// logits' layout. Inside a parallel region (one point set per thread) every step runs on the
+// calling thread alone, with the same bits.
+void mean_field_points(const float* lg, bool point_major, int64_t L, int64_t N, const std::vector<LatticeView>& lats,
+                       const float* pre_p, const float* post_p, const float* cp, int64_t iterations, float* o) {
+  const int64_t K = static_cast<int64_t>(lats.size());
 #ifdef DSF_HAVE_AVX512_KERNELS
   // Labels held in registers through the whole update when they fit in up to four vectors; the
   // label axis is then padded to half registers (8 floats).
@@ -1153,7 +1134,6 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
   // Zero-padded [K, Lp, Lp] compatibility, and which kernels are diagonal (Potts).
   std::vector<float> cpad(K * Lp * Lp, 0.f), cdiag(K * Lp, 0.f);
   std::vector<char> diag(K, 1);
-  const float* cp = compat.const_data_ptr<float>();
   for (int64_t k = 0; k < K; ++k)
     for (int64_t l = 0; l < L; ++l)
       for (int64_t m = 0; m < L; ++m) {
@@ -1165,15 +1145,11 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
   // Point-major logits and Q, rows of ls floats: unpadded for the register-resident update, else
   // padded to Lp with logits of -1e30, which never win the max and exp to 0.
   const int64_t ls = fast_block ? L : Lp;
-  const float* lg = logits.const_data_ptr<float>();
   // Point-major logits given unpadded are used as they are.
   const bool own_rows = !(point_major && ls == L);
   Tensor lp = own_rows ? empty_output({N, ls}, at::kFloat, at::MemoryFormat::Contiguous) : Tensor();
   // Q [N, Lp] of the portable path (the register-resident one writes out directly).
   Tensor q = fast_block ? Tensor() : empty_output({N, ls}, at::kFloat, at::MemoryFormat::Contiguous);
-  Tensor out = point_major ? empty_output({N, L}, at::kFloat, at::MemoryFormat::Contiguous).t()
-                           : empty_output({L, N}, at::kFloat, at::MemoryFormat::Contiguous);
-  float* o = out.mutable_data_ptr<float>();
   const float* lpp = own_rows ? lp.const_data_ptr<float>() : lg;
   float* qp = q.defined() ? q.mutable_data_ptr<float>() : nullptr;
   if (own_rows) {
@@ -1204,7 +1180,6 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
   }
   std::vector<VertexBuffers<float>> vbufs;
   for (int64_t k = 0; k < K && iterations > 0; ++k) vbufs.emplace_back(lats[k], Lp, at::kFloat);
-  const float* pre_p = pre.const_data_ptr<float>();
 #ifdef DSF_HAVE_AVX512_KERNELS
   std::vector<float> ctrans(K * Lp * Lp, 0.f);  // [K, Lp, Lp] each compat transposed
   std::vector<avx512::MeanFieldKernel> fast_kernels(K);
@@ -1215,7 +1190,7 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
     kk.off = lats[k].off;
     kk.w = lats[k].w;
     kk.D1 = lats[k].D1;
-    kk.post = post.const_data_ptr<float>() + k * N;
+    kk.post = post_p + k * N;
     kk.pre = pre_p + k * N;
     kk.alpha = lattice::slice_alpha(static_cast<int>(lats[k].D1 - 1));
     kk.diag = diag[k] ? cdiag.data() + k * Lp : nullptr;
@@ -1252,7 +1227,7 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
         const int64_t hi = part_begin(p + 1, N);
         for (int64_t lo = part_begin(p, N); lo < hi; lo += 256) {
           const int64_t end = std::min(hi, lo + 256);
-          mean_field_update(slice ? lats : no_lats, blurred, post.const_data_ptr<float>(), cpad.data(), cdiag.data(),
+          mean_field_update(slice ? lats : no_lats, blurred, post_p, cpad.data(), cdiag.data(),
                             diag, lpp, N, L, Lp, lo, end, qp);
           for (int64_t k = 0; k < K && splat_next; ++k)
             splat_pixels<float>(qp, pre_p + k * N, lats[k].off, lats[k].w, lats[k].D1, Lp, lo, end,
@@ -1261,10 +1236,10 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
       }
     });
   }
-  if (fast_block) return out;  // written by the last pass
+  if (fast_block) return;  // written by the last pass
   if (point_major) {
     copy_rows<float>(qp, ls, o, L, N);
-    return out;
+    return;
   }
   at::parallel_for(0, (N + 63) / 64, 16, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
@@ -1273,6 +1248,95 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
         for (int64_t i = i0; i < i1; ++i) o[l * N + i] = qp[i * ls + l];
     }
   });
+}
+
+// The checks of the mean-field ops' arguments: logits [L, N] (per image), lattices (3 tensors per
+// kernel), pre / post [K, N] float32 ([B, K, N] for a batch of B > 0 images), compat [K, L, L]
+// float32. Returns each image's K lattices, validated.
+std::vector<std::vector<LatticeView>> check_mean_field(int64_t B, int64_t L, int64_t N, at::TensorList lattices,
+                                                       const Tensor& pre, const Tensor& post, const Tensor& compat,
+                                                       int64_t iterations) {
+  const int64_t images = std::max<int64_t>(B, 1);
+  TORCH_CHECK_VALUE(lattices.size() % (3 * images) == 0 && !lattices.empty(), "lattices must hold 3 tensors per kernel",
+                    B > 0 ? " per image" : "", ", got ", lattices.size());
+  TORCH_CHECK_VALUE(iterations >= 0, "iterations must be non-negative, got ", iterations);
+  const int64_t K = static_cast<int64_t>(lattices.size()) / (3 * images);
+  const std::vector<int64_t> sizes = B > 0 ? std::vector<int64_t>{B, K, N} : std::vector<int64_t>{K, N};
+  const char* shape = B > 0 ? "[B, K, N]" : "[K, N]";
+  TORCH_CHECK_VALUE(pre.sizes() == at::IntArrayRef(sizes) && pre.scalar_type() == at::kFloat,
+                    "pre must be a float32 ", shape, " tensor");
+  TORCH_CHECK_VALUE(post.sizes() == at::IntArrayRef(sizes) && post.scalar_type() == at::kFloat,
+                    "post must be a float32 ", shape, " tensor");
+  TORCH_CHECK_VALUE(compat.sizes() == at::IntArrayRef({K, L, L}) && compat.scalar_type() == at::kFloat,
+                    "compat must be a float32 [K, L, L] tensor");
+  std::vector<std::vector<LatticeView>> lats(images);
+  for (int64_t b = 0; b < images; ++b)
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t t = 3 * (b * K + k);
+      lats[b].push_back(view_lattice(lattices[t], lattices[t + 1], lattices[t + 2]));
+      TORCH_CHECK_VALUE(lats[b].back().N == N, "lattice ", k, B > 0 ? " of image " + std::to_string(b) : "", " has ",
+                        lats[b].back().N, " points, logits have ", N);
+    }
+  return lats;
+}
+
+// logits [L, N] float32, label-major or point-major (see mean_field_points); Q [L, N] in the same layout.
+Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices, const Tensor& pre_in,
+                                const Tensor& post_in, const Tensor& compat_in, int64_t iterations) {
+  TORCH_CHECK_VALUE(logits_in.dim() == 2 && logits_in.scalar_type() == at::kFloat,
+                    "logits must be a float32 [L, N] tensor");
+  const int64_t L = logits_in.size(0), N = logits_in.size(1);
+  const std::vector<LatticeView> lats = check_mean_field(0, L, N, lattices, pre_in, post_in, compat_in, iterations)[0];
+  const bool point_major = !logits_in.is_contiguous() && logits_in.t().is_contiguous();
+  const Tensor logits = point_major ? logits_in : logits_in.contiguous(), pre = pre_in.contiguous(),
+               post = post_in.contiguous(), compat = compat_in.contiguous();
+  Tensor out = point_major ? empty_output({N, L}, at::kFloat, at::MemoryFormat::Contiguous).t()
+                           : empty_output({L, N}, at::kFloat, at::MemoryFormat::Contiguous);
+  mean_field_points(logits.const_data_ptr<float>(), point_major, L, N, lats, pre.const_data_ptr<float>(),
+                    post.const_data_ptr<float>(), compat.const_data_ptr<float>(), iterations,
+                    out.mutable_data_ptr<float>());
+  return out;
+}
+
+// B point sets (a batch of images) at once: logits [B, L, N] float32; lattices: 3 tensors per kernel
+// per image, image-major (image b's kernel k at 3 (b K + k)); pre / post [B, K, N]; compat [K, L, L],
+// shared. Returns Q [B, L, N] in the logits' layout, each image's exactly what dense_crf_mean_field
+// gives it.
+// Images run in rounds of one per thread, each on its thread alone: no barrier inside an image's
+// ~130 parallel steps, and each core's caches hold its own image's vertex rows. Images left over
+// (B not a multiple of the thread count) run one at a time on all threads.
+Tensor dense_crf_mean_field_batch_cpu(const Tensor& logits_in, at::TensorList lattices, const Tensor& pre_in,
+                                      const Tensor& post_in, const Tensor& compat_in, int64_t iterations) {
+  TORCH_CHECK_VALUE(logits_in.dim() == 3 && logits_in.scalar_type() == at::kFloat,
+                    "logits must be a float32 [B, L, N] tensor");
+  const int64_t B = logits_in.size(0), L = logits_in.size(1), N = logits_in.size(2);
+  if (B == 0) {
+    TORCH_CHECK_VALUE(iterations >= 0, "iterations must be non-negative, got ", iterations);
+    return empty_output({0, L, N}, at::kFloat, at::MemoryFormat::Contiguous);
+  }
+  const std::vector<std::vector<LatticeView>> lats =
+      check_mean_field(B, L, N, lattices, pre_in, post_in, compat_in, iterations);
+  const int64_t K = static_cast<int64_t>(lats[0].size());
+  // Each image label-major, or each point-major (the [B, L, N] transpose of a contiguous [B, N, L]:
+  // a channels_last unary); Q comes back in the same layout.
+  const bool point_major = !logits_in.is_contiguous() && logits_in.transpose(1, 2).is_contiguous();
+  const Tensor logits = point_major ? logits_in : logits_in.contiguous(), pre = pre_in.contiguous(),
+               post = post_in.contiguous(), compat = compat_in.contiguous();
+  Tensor out = point_major ? empty_output({B, N, L}, at::kFloat, at::MemoryFormat::Contiguous).transpose(1, 2)
+                           : empty_output({B, L, N}, at::kFloat, at::MemoryFormat::Contiguous);
+  const float* lg = logits.const_data_ptr<float>();
+  const float *pre_p = pre.const_data_ptr<float>(), *post_p = post.const_data_ptr<float>();
+  float* o = out.mutable_data_ptr<float>();
+  auto image = [&](int64_t b) {
+    mean_field_points(lg + b * L * N, point_major, L, N, lats[b], pre_p + b * K * N, post_p + b * K * N,
+                      compat.const_data_ptr<float>(), iterations, o + b * L * N);
+  };
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t together = threads > 1 ? B / threads * threads : 0;
+  parallel_blocks(together, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) image(b);
+  });
+  for (int64_t b = together; b < B; ++b) image(b);
   return out;
 }
 
@@ -1284,4 +1348,5 @@ TORCH_LIBRARY_IMPL(deconvseg, CPU, m) {
   m.impl("permutohedral_filter", &deconvseg::permutohedral_filter_cpu);
   m.impl("permutohedral_splat_blur", &deconvseg::permutohedral_splat_blur_cpu);
   m.impl("dense_crf_mean_field", &deconvseg::dense_crf_mean_field_cpu);
+  m.impl("dense_crf_mean_field_batch", &deconvseg::dense_crf_mean_field_batch_cpu);
 }

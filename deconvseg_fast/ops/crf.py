@@ -5,8 +5,9 @@
 The filter is linear in ``values`` with a symmetric blur, so its adjoint is the same filter with the
 blur axes in reverse order: that is the backward. Gradients with respect to the features are not
 provided (the lattice is piecewise constant in them). ``dense_crf_mean_field`` runs whole mean-field
-inference in one call for inference without gradients; with gradients, functional.dense_crf
-composes the filter op instead.
+inference in one call for inference without gradients, ``dense_crf_mean_field_batch`` the same for a
+group of images (on the CPU one image per thread); with gradients, functional.dense_crf composes the
+filter op instead.
 """
 from __future__ import annotations
 
@@ -51,10 +52,23 @@ def _point_major(logits: torch.Tensor) -> bool:
     return not logits.is_contiguous() and logits.t().is_contiguous()
 
 
+def _point_major_batch(logits: torch.Tensor) -> bool:
+    """Whether [B, L, N] logits are the transpose of a contiguous [B, N, L] tensor (a channels_last
+    unary's layout); dense_crf_mean_field_batch returns Q in this layout or contiguous [B, L, N]."""
+    return not logits.is_contiguous() and logits.transpose(1, 2).is_contiguous()
+
+
 @torch.library.register_fake("deconvseg::dense_crf_mean_field")
 def _mean_field_fake(logits, lattices, pre, post, compat, iterations):
     if _point_major(logits):
         return logits.new_empty(logits.shape[::-1]).t()
+    return logits.new_empty(logits.shape)
+
+
+@torch.library.register_fake("deconvseg::dense_crf_mean_field_batch")
+def _mean_field_batch_fake(logits, lattices, pre, post, compat, iterations):
+    if logits.dim() == 3 and _point_major_batch(logits):
+        return logits.new_empty((logits.shape[0], logits.shape[2], logits.shape[1])).transpose(1, 2)
     return logits.new_empty(logits.shape)
 
 
@@ -142,6 +156,24 @@ def mean_field(logits: torch.Tensor, lattices, pre: torch.Tensor, post: torch.Te
         logits = logits.contiguous()
     return _ops.dense_crf_mean_field.default(logits, flat, pre.float().contiguous(), post.float().contiguous(),
                                              compat.float().contiguous(), int(iterations))
+
+
+def mean_field_batch(logits: torch.Tensor, lattice_sets, pre: torch.Tensor, post: torch.Tensor,
+                     compat: torch.Tensor, iterations: int) -> torch.Tensor:
+    """``mean_field`` of B images of N points each in one call: logits [B, L, N] float32;
+    lattice_sets: per image, its K ``Lattice`` objects; pre / post [B, K, N]; compat [K, L, L],
+    shared. Returns Q [B, L, N], each image's the same bits ``mean_field`` gives it, in the logits'
+    layout if they are the transpose of a contiguous [B, N, L] (else contiguous). On the CPU the
+    images run one per thread (see csrc/cpu/crf.cpp), which beats splitting each image over the
+    threads: no barrier inside an image, and each core's caches hold one image's lattice.
+    """
+    flat = [t for lats in lattice_sets for lat in lats for t in lat.tensors]
+    logits = logits.float()
+    if not _point_major_batch(logits):
+        logits = logits.contiguous()
+    return _ops.dense_crf_mean_field_batch.default(logits, flat, pre.float().contiguous(),
+                                                   post.float().contiguous(), compat.float().contiguous(),
+                                                   int(iterations))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -243,3 +275,34 @@ def _mean_field_cuda(logits, lattices, pre, post, compat, iterations):
 
 
 torch.library.register_kernel("deconvseg::dense_crf_mean_field", "cuda", _mean_field_cuda)
+
+
+def _mean_field_batch_cuda(logits, lattices, pre, post, compat, iterations):
+    """dense_crf_mean_field_batch for "cuda": one image after another (each fills the GPU)."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 3 or logits.dtype != torch.float32:
+        raise ValueError("logits must be a float32 [B, L, N] tensor")
+    B, L, N = logits.shape
+    lattices = list(lattices)
+    if B == 0:
+        if iterations < 0:
+            raise ValueError(f"iterations must be non-negative, got {iterations}")
+        return logits.new_empty((0, L, N))
+    if not lattices or len(lattices) % (3 * B) != 0:
+        raise ValueError(f"lattices must hold 3 tensors per kernel per image, got {len(lattices)}")
+    per_image = len(lattices) // B
+    K = per_image // 3
+    for name, t in (("pre", pre), ("post", post)):
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != (B, K, N) or t.dtype != torch.float32:
+            raise ValueError(f"{name} must be a float32 [B, K, N] tensor")
+    if _point_major_batch(logits):  # the CPU op's layout rule
+        result = logits.new_empty((B, N, L)).transpose(1, 2)
+    else:
+        logits = logits.contiguous()
+        result = logits.new_empty((B, L, N))
+    for b in range(B):
+        result[b].copy_(_mean_field_cuda(logits[b], lattices[b * per_image:(b + 1) * per_image], pre[b], post[b],
+                                         compat, iterations))
+    return result
+
+
+torch.library.register_kernel("deconvseg::dense_crf_mean_field_batch", "cuda", _mean_field_batch_cuda)
