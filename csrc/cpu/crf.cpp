@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "huge_pages.h"
@@ -527,27 +528,31 @@ DSF_MULTIVERSION void splat_pixels(const T* __restrict in, const T* __restrict s
 template <typename T>
 DSF_MULTIVERSION void add_parts(T* __restrict parts, int64_t part_stride, const int64_t* lo, const int64_t* hi,
                                 int64_t Cp, int64_t begin, int64_t end, T* __restrict out) {
+  // Each block of labels is summed in registers over the parts whose band holds the row: plain
+  // copy loops here became a memmove and a memset call per row and part.
+  constexpr int64_t B = kBlock<T>;
   for (int64_t v = begin; v < end; ++v) {
+    T* with[kSplatParts];  // row v of each part whose band holds it, in part order
+    int n = 0;
+    for (int64_t p = 0; p < kSplatParts; ++p)
+      if (v >= lo[p] && v < hi[p]) with[n++] = parts + p * part_stride + v * Cp;
     T* dst = out + v * Cp;
-    bool first = true;
-    for (int64_t p = 0; p < kSplatParts; ++p) {
-      if (v < lo[p] || v >= hi[p]) continue;
-      T* part = parts + p * part_stride + v * Cp;
-      if (first) {
-        for (int64_t c = 0; c < Cp; ++c) {
-          dst[c] = part[c];
+    auto sum = [&](int64_t c0, auto width) {
+      constexpr int64_t W = decltype(width)::value;
+      T acc[W] = {};
+      for (int j = 0; j < n; ++j) {
+        T* part = with[j] + c0;
+        for (int64_t c = 0; c < W; ++c) {
+          acc[c] = j == 0 ? part[c] : acc[c] + part[c];
           part[c] = T(0);
         }
-        first = false;
-        continue;
       }
-      for_lanes<T>(Cp, [&](int64_t c) {
-        dst[c] += part[c];
-        part[c] = T(0);
-      });
-    }
-    if (first)
-      for (int64_t c = 0; c < Cp; ++c) dst[c] = T(0);
+      for (int64_t c = 0; c < W; ++c) dst[c0 + c] = acc[c];
+    };
+    if (Cp % B == 0)
+      for (int64_t c0 = 0; c0 < Cp; c0 += B) sum(c0, std::integral_constant<int64_t, B>{});
+    else
+      for (int64_t c0 = 0; c0 < Cp; ++c0) sum(c0, std::integral_constant<int64_t, 1>{});
   }
 }
 
