@@ -374,6 +374,23 @@ def test_too_large_is_refused_before_allocating(monkeypatch):
         F.dense_crf(torch.zeros(1, 200, 64, 64), torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
 
 
+def test_batch_refusal_counts_the_images_run_at_once(monkeypatch):
+    # A batch runs one image per thread, so its mean-field buffers exist once per thread at a time.
+    unary, img = torch.zeros(2, 3, 16, 16), torch.zeros(2, 3, 16, 16, dtype=torch.uint8)
+    monkeypatch.setattr(F, "_mean_field_memory", lambda *args: 1 << 30)
+    monkeypatch.setattr(F, "_available_memory", lambda device: (3 << 30) // 2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(MemoryError, match="2 images at once"):
+            F.dense_crf(unary, img, iterations=1)
+        assert F.dense_crf(unary[:1], img[:1], iterations=1).shape == (1, 3, 16, 16)
+        torch.set_num_threads(1)
+        assert F.dense_crf(unary, img, iterations=1).shape == (2, 3, 16, 16)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_lattice_bad_input():
     with pytest.raises(ValueError, match="finite"):
         Lattice(torch.tensor([[0.0, float("nan")]]))
