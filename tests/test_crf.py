@@ -338,6 +338,17 @@ def test_torch_compile_fullgraph_filter():
     assert q.grad is not None
 
 
+def test_torch_compile_fullgraph_mean_field_batch():
+    logits, lattice_sets, pre, compat = _batch_inputs(5, images=2)
+    flat = [t for lats in lattice_sets for lat in lats for t in lat.tensors]
+
+    def run(x):
+        return ops.dense_crf_mean_field_batch(torch.log_softmax(x, 1), flat, pre, pre, compat, 2)
+
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(logits), run(logits))
+
+
 BAD_CRF = [
     (dict(unary=torch.full((1, 2, 4, 4), float("nan"))), ValueError, "unary must be finite"),
     (dict(unary=torch.full((1, 2, 4, 4), float("inf"))), ValueError, "unary must be finite"),
