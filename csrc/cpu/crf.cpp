@@ -509,6 +509,15 @@ template <typename T>
 DSF_MULTIVERSION void splat_pixels(const T* __restrict in, const T* __restrict scale, const int32_t* __restrict off,
                                    const float* __restrict w, int64_t D1, int64_t Cp, int64_t begin, int64_t end,
                                    T* __restrict buf) {
+  if (Cp == 1 && !scale) {  // one channel (the normalisation's constant image): no per-corner loop setup
+    for (int64_t i = begin; i < end; ++i) {
+      const T v = in[i];
+      const int32_t* o = off + i * D1;
+      const float* wi = w + i * D1;
+      for (int64_t r = 0; r < D1; ++r) buf[static_cast<int64_t>(o[r]) + 1] += static_cast<T>(wi[r]) * v;
+    }
+    return;
+  }
   std::vector<T> scaled(Cp);
   for (int64_t i = begin; i < end; ++i) {
     const T* src = in + i * Cp;
