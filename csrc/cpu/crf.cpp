@@ -413,6 +413,18 @@ struct LatticeView {
   std::vector<Tensor> keep;  // owns the contiguous copies
 };
 
+// The smallest and largest of x[0, n), starting from lo and hi. Multiversioned: the baseline
+// x86-64 build has no packed 32-bit min/max, and this runs over every lattice index on every call.
+DSF_MULTIVERSION void min_max(const int32_t* __restrict x, int64_t n, int32_t& lo, int32_t& hi) {
+  int32_t a = lo, b = hi;
+  for (int64_t i = 0; i < n; ++i) {
+    a = std::min(a, x[i]);
+    b = std::max(b, x[i]);
+  }
+  lo = a;
+  hi = b;
+}
+
 // Lattice tensors are ordinary op inputs: every index is checked once here, so the kernels below
 // can trust them and never read or write out of bounds.
 LatticeView view_lattice(const Tensor& offsets, const Tensor& weights, const Tensor& neighbors) {
@@ -432,10 +444,8 @@ LatticeView view_lattice(const Tensor& offsets, const Tensor& weights, const Ten
   at::parallel_for(0, kSplatParts, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       int32_t lo = std::numeric_limits<int32_t>::max(), hi = std::numeric_limits<int32_t>::min();
-      for (int64_t e = part_begin(p, L.N) * D1; e < part_begin(p + 1, L.N) * D1; ++e) {
-        lo = std::min(lo, L.off[e]);
-        hi = std::max(hi, L.off[e]);
-      }
+      const int64_t first = part_begin(p, L.N) * D1;
+      min_max(L.off + first, part_begin(p + 1, L.N) * D1 - first, lo, hi);
       part_min[p] = lo;
       part_max[p] = hi;
     }
@@ -455,10 +465,7 @@ LatticeView view_lattice(const Tensor& offsets, const Tensor& weights, const Ten
   std::atomic<bool> nb_ok{true};
   at::parallel_for(0, n_nb, 1 << 16, [&](int64_t begin, int64_t end) {
     int32_t lo = 0, hi = 0;
-    for (int64_t i = begin; i < end; ++i) {
-      lo = std::min(lo, L.nb[i]);
-      hi = std::max(hi, L.nb[i]);
-    }
+    min_max(L.nb + begin, end - begin, lo, hi);
     if (lo < 0 || hi > M) nb_ok = false;
   });
   TORCH_CHECK_VALUE(nb_ok.load(), "neighbors hold out-of-range vertices (expected 0..", M, ")");
@@ -601,6 +608,18 @@ inline void slice_one(const T* __restrict buf, const LatticeView& L, int64_t i, 
 template <typename T>
 DSF_MULTIVERSION void slice_range(const T* __restrict buf, const LatticeView& L, int64_t Cp, T alpha, int64_t begin,
                                   int64_t end, T* __restrict out) {
+  if (Cp == 1) {  // slice_one's one-channel sum, with the lattice's pointers held in registers
+    const int32_t* __restrict off = L.off;
+    const float* __restrict w = L.w;
+    const int64_t D1 = L.D1;
+    for (int64_t i = begin; i < end; ++i) {
+      T acc = T(0);
+      for (int64_t r = 0; r < D1; ++r)
+        acc += static_cast<T>(w[i * D1 + r]) * buf[static_cast<int64_t>(off[i * D1 + r]) + 1] * alpha;
+      out[i] = acc;
+    }
+    return;
+  }
   for (int64_t i = begin; i < end; ++i) slice_one(buf, L, i, Cp, alpha, out + i * Cp);
 }
 
