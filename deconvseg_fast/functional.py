@@ -300,8 +300,7 @@ def dense_crf(
     fused_cpu = B > 1 and not needs_grad and dtype == torch.float32 and unary.device.type == "cpu"
     out, sets = [], []
     for b in range(B):
-        red, green, blue = image[b].reshape(3, -1).to(torch.float32) / sc
-        bilateral = _crf.Lattice.from_points(torch.stack([xs / sb, ys / sb, red, green, blue], dim=1))
+        bilateral = _crf.Lattice.from_points(_bilateral_points(((xs, sb), (ys, sb)), image[b].reshape(3, -1), sc))
         lattices = (gaussian, bilateral)
         norms = (g_norm, _crf_norm(bilateral, H * W, normalization, dtype))
         if fused_cpu:
@@ -373,14 +372,29 @@ def dense_crf_video(
     _refuse_if_too_big(_lattice_memory(n, (3, 6)), unary, "one clip")
     dtype = unary.dtype
     gaussian, (xs, ys, ts) = _grid_lattice(T, H, W, sg, sgt, unary.device)
-    red, green, blue = frames.transpose(0, 1).reshape(3, n).to(torch.float32) / sc
-    bilateral = _crf.Lattice.from_points(torch.stack([xs / sb, ys / sb, ts / sbt, red, green, blue], dim=1))
+    colors = frames.transpose(0, 1).reshape(3, n)
+    bilateral = _crf.Lattice.from_points(_bilateral_points(((xs, sb), (ys, sb), (ts, sbt)), colors, sc))
     lattices = (gaussian, bilateral)
     norms = (_grid_norm(gaussian, T, H, W, sg, sgt, normalization, dtype), _crf_norm(bilateral, n, normalization, dtype))
     needs_grad = _needs_grad(unary, gaussian_weight, bilateral_weight, compat)
     q = _mean_field(unary.transpose(0, 1).reshape(L, n), lattices, norms, (gaussian_weight, bilateral_weight),
                     compat, normalization, iterations, needs_grad, unary, "one clip")
     return q.reshape(L, T, H, W).transpose(0, 1).contiguous()
+
+
+def _bilateral_points(positions, colors: torch.Tensor, srgb: float) -> torch.Tensor:
+    """The bilateral kernel's lattice points [N, k + 3] float32: each position [N] divided by its
+    standard deviation ((position, std) pairs), then the colors [3, N] (any dtype, 0..255) in float32
+    divided by srgb. Filled column by column with parallel element-wise ops (torch.stack along dim 1
+    copies single-threaded); the same values as ``torch.stack([x / s, ..., c.float() / srgb], 1)``."""
+    k = len(positions)
+    points = torch.empty(colors.shape[1], k + 3, dtype=torch.float32, device=colors.device)
+    for j, (x, s) in enumerate(positions):
+        torch.div(x, s, out=points[:, j])
+    rgb = points[:, k:]
+    rgb.copy_(colors.t())  # the conversion of .to(torch.float32)
+    rgb.div_(srgb)
+    return points
 
 
 _GRID_LATTICES: dict = {}

@@ -74,7 +74,7 @@ class VertexTable {
       int32_t& slot = slots_[h & mask_];
       if (slot < 0) {
         slot = static_cast<int32_t>(size_++);
-        keys_.insert(keys_.end(), key, key + dim());
+        for (int i = 0; i < dim(); ++i) keys_.push_back(key[i]);  // a range insert is a memmove call
         return slot;
       }
       if (same(&keys_[static_cast<int64_t>(slot) * dim()], key)) return slot;
