@@ -338,6 +338,16 @@ def test_torch_compile_fullgraph_filter():
     assert q.grad is not None
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float16, torch.float32, torch.float64])
+def test_bilateral_points_are_the_stacked_columns(dtype):
+    g = torch.Generator().manual_seed(0)
+    colors = (torch.rand(3, 301, generator=g) * 255).to(dtype)
+    xs, ys = torch.rand(301, generator=g) * 500, torch.rand(301, generator=g) * 375
+    expect = torch.stack([xs / 80.0, ys / 80.0, *(colors.to(torch.float32) / 13.0)], 1)
+    got = F._bilateral_points(((xs, 80.0), (ys, 80.0)), colors, 13.0)
+    assert got.is_contiguous() and torch.equal(got, expect)
+
+
 def test_torch_compile_fullgraph_mean_field_batch():
     logits, lattice_sets, pre, compat = _batch_inputs(5, images=2)
     flat = [t for lats in lattice_sets for lat in lats for t in lat.tensors]
