@@ -343,9 +343,9 @@ std::tuple<Tensor, Tensor, Tensor> build_lattice(const Tensor& features, int d_r
       chunk_keys[c] = local.take_keys();
     }
   });
-  int64_t at_least = 0;  // distinct keys in the busiest chunk: the whole image has at least as many
-  for (const auto& k : chunk_keys) at_least = std::max(at_least, static_cast<int64_t>(k.size()) / d);
-  VertexTable<D> table(d, at_least);
+  int64_t at_most = 0;  // the chunks' distinct keys together: the whole image has at most as many
+  for (const auto& k : chunk_keys) at_most += static_cast<int64_t>(k.size()) / d;
+  VertexTable<D> table(d, at_most);
   std::vector<std::vector<int32_t>> to_global(kChunks);
   for (int64_t c = 0; c < kChunks; ++c) {
     const int64_t n = static_cast<int64_t>(chunk_keys[c].size()) / d;
