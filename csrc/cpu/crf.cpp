@@ -176,10 +176,12 @@ DSF_AVX512 inline __m512 mul_exact(__m512 a, __m512 b) {
 
 // lattice::enclosing_simplex_fixed<D> for 16 points at once, one point per lane, with the same
 // float operations in the same order (so the same bits: tests compare it with the scalar code).
-//   f [16, D] features; scale [D]; key [16, D+1, D] out; bary [16, D+1] out.
+//   f [16, D] features; scale [D]; key [16, D+1, D] out; bary [16, D+1] out; prev [D+1, D] the
+//   corners of the point before the first; same [D+1] out: bit p of same[r] is set when point p's
+//   corner r equals the previous point's corner r.
 template <int D>
 DSF_AVX512 void enclosing_simplex16(const float* __restrict f, const float* __restrict scale, int32_t* __restrict key,
-                                    float* __restrict bary) {
+                                    float* __restrict bary, const int32_t* __restrict prev, uint16_t* __restrict same) {
   constexpr int D1 = D + 1;
   const __m512i one = _mm512_set1_epi32(1), zero_i = _mm512_setzero_si512();
   __m512 elevated[D1];
@@ -250,6 +252,16 @@ DSF_AVX512 void enclosing_simplex16(const float* __restrict f, const float* __re
     }
     _mm512_store_ps(bt + r * 16, b[r]);
   }
+  // Which corners repeat the previous point's (lane p against lane p - 1, lane 0 against prev).
+  for (int r = 0; r < D1; ++r) {
+    __mmask16 eq = 0xFFFF;
+    for (int i = 0; i < D; ++i) {
+      const __m512i cur = _mm512_load_si512(kt + (r * D + i) * 16);
+      const __m512i before = _mm512_alignr_epi32(cur, _mm512_set1_epi32(prev[r * D + i]), 15);
+      eq &= _mm512_cmpeq_epi32_mask(cur, before);
+    }
+    same[r] = eq;
+  }
   // The keys move as float bit patterns: loads, shuffles and stores never change bits.
   for (int j0 = 0; j0 < D1 * D; j0 += 16)
     transpose16(reinterpret_cast<const float*>(kt + j0 * 16), 16, std::min(16, D1 * D - j0), 16,
@@ -257,7 +269,7 @@ DSF_AVX512 void enclosing_simplex16(const float* __restrict f, const float* __re
   transpose16(bt, 16, D1, 16, bary, D1);
 }
 
-using Simplex16Fn = void (*)(const float*, const float*, int32_t*, float*);
+using Simplex16Fn = void (*)(const float*, const float*, int32_t*, float*, const int32_t*, uint16_t*);
 
 // The 16-point simplex for d = 2, 3 or 5, or null.
 inline Simplex16Fn enclosing_simplex16_for(int d) {
@@ -317,25 +329,34 @@ std::tuple<Tensor, Tensor, Tensor> build_lattice(const Tensor& features, int d_r
       const int64_t begin = chunk_begin(c), end = chunk_begin(c + 1);
       for (int64_t g = begin; g < end; g += kGroup) {
         const int64_t n = std::min(kGroup, end - g);
-#ifdef DSF_HAVE_AVX512_KERNELS
-        if (simplex16 && n == kGroup)
-          simplex16(f + g * d, scale, group, w + g * D1);
-        else
-#endif
-          for (int64_t p = 0; p < n; ++p)
-            lattice::enclosing_simplex_fixed<D>(f + (g + p) * d, d, scale, group + p * D1 * d, w + (g + p) * D1);
         // Neighbouring pixels often share simplex corners, and a shared corner has the same
         // remainder r, so it sits at the same position among the previous pixel's corners:
-        // check that first, before hashing.
-        for (int64_t p = 0; p < n; ++p) {
-          const int64_t i = g + p;
-          const int32_t* keys = group + p * D1 * d;
-          const int32_t* prev = keys - D1 * d;
-          for (int r = 0; r < D1; ++r) {
-            const int32_t* key = keys + r * d;
-            int32_t diff = 0;  // one branch per corner, not one per coordinate
-            for (int k = 0; k < d; ++k) diff |= key[k] ^ prev[r * d + k];
-            off[i * D1 + r] = diff == 0 && i > begin ? off[(i - 1) * D1 + r] : local.insert(key);
+        // check that first, before hashing. The 16-point kernel makes that check itself.
+#ifdef DSF_HAVE_AVX512_KERNELS
+        if (simplex16 && n == kGroup) {
+          uint16_t same[lattice::kMaxDim + 1];
+          simplex16(f + g * d, scale, group, w + g * D1, key_buf.data(), same);
+          for (int64_t p = 0; p < n; ++p) {
+            const int64_t i = g + p;
+            for (int r = 0; r < D1; ++r)
+              off[i * D1 + r] = (same[r] >> p & 1) && i > begin ? off[(i - 1) * D1 + r]
+                                                                 : local.insert(group + (p * D1 + r) * d);
+          }
+        } else
+#endif
+        {
+          for (int64_t p = 0; p < n; ++p)
+            lattice::enclosing_simplex_fixed<D>(f + (g + p) * d, d, scale, group + p * D1 * d, w + (g + p) * D1);
+          for (int64_t p = 0; p < n; ++p) {
+            const int64_t i = g + p;
+            const int32_t* keys = group + p * D1 * d;
+            const int32_t* prev = keys - D1 * d;
+            for (int r = 0; r < D1; ++r) {
+              const int32_t* key = keys + r * d;
+              int32_t diff = 0;  // one branch per corner, not one per coordinate
+              for (int k = 0; k < d; ++k) diff |= key[k] ^ prev[r * d + k];
+              off[i * D1 + r] = diff == 0 && i > begin ? off[(i - 1) * D1 + r] : local.insert(key);
+            }
           }
         }
         std::copy(group + (n - 1) * D1 * d, group + n * D1 * d, key_buf.data());
