@@ -610,13 +610,6 @@ DSF_MULTIVERSION void blur_range(const T* __restrict src, const int32_t* __restr
 // out[0:Cp] = sum over pixel i's simplex corners of (weight * buf[vertex+1]) * alpha.
 template <typename T>
 inline void slice_one(const T* __restrict buf, const LatticeView& L, int64_t i, int64_t Cp, T alpha, T* __restrict out) {
-  if (Cp == 1) {  // the normalisation's constant image: a register sum, not a store-to-load chain
-    T acc = T(0);
-    for (int64_t r = 0; r < L.D1; ++r)
-      acc += static_cast<T>(L.w[i * L.D1 + r]) * buf[static_cast<int64_t>(L.off[i * L.D1 + r]) + 1] * alpha;
-    out[0] = acc;
-    return;
-  }
   for (int64_t c = 0; c < Cp; ++c) out[c] = T(0);
   for (int64_t r = 0; r < L.D1; ++r) {
     const int64_t vtx = L.off[i * L.D1 + r];
@@ -629,7 +622,8 @@ inline void slice_one(const T* __restrict buf, const LatticeView& L, int64_t i, 
 template <typename T>
 DSF_MULTIVERSION void slice_range(const T* __restrict buf, const LatticeView& L, int64_t Cp, T alpha, int64_t begin,
                                   int64_t end, T* __restrict out) {
-  if (Cp == 1) {  // slice_one's one-channel sum, with the lattice's pointers held in registers
+  if (Cp == 1) {  // the normalisation's constant image: a register sum, not a store-to-load chain, with
+                  // the lattice's pointers in registers (through slice_one they were reloaded per pixel)
     const int32_t* __restrict off = L.off;
     const float* __restrict w = L.w;
     const int64_t D1 = L.D1;
@@ -1378,6 +1372,19 @@ std::vector<std::vector<LatticeView>> check_mean_field(int64_t B, int64_t L, int
   return lats;
 }
 
+// Whether logits [..., L, N] are point-major: the transpose of a contiguous [..., N, L].
+bool point_major_layout(const Tensor& logits) {
+  return !logits.is_contiguous() && logits.transpose(-2, -1).is_contiguous();
+}
+
+// Q shaped like logits [..., L, N]: contiguous, or (point_major) the transpose of a contiguous [..., N, L].
+Tensor empty_q(const Tensor& logits, bool point_major) {
+  std::vector<int64_t> sizes = logits.sizes().vec();
+  if (!point_major) return empty_output(sizes, at::kFloat, at::MemoryFormat::Contiguous);
+  std::swap(sizes[sizes.size() - 2], sizes[sizes.size() - 1]);
+  return empty_output(sizes, at::kFloat, at::MemoryFormat::Contiguous).transpose(-2, -1);
+}
+
 // logits [L, N] float32, label-major or point-major (see mean_field_points); Q [L, N] in the same layout.
 Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices, const Tensor& pre_in,
                                 const Tensor& post_in, const Tensor& compat_in, int64_t iterations) {
@@ -1385,11 +1392,10 @@ Tensor dense_crf_mean_field_cpu(const Tensor& logits_in, at::TensorList lattices
                     "logits must be a float32 [L, N] tensor");
   const int64_t L = logits_in.size(0), N = logits_in.size(1);
   const std::vector<LatticeView> lats = check_mean_field(0, L, N, lattices, pre_in, post_in, compat_in, iterations)[0];
-  const bool point_major = !logits_in.is_contiguous() && logits_in.t().is_contiguous();
+  const bool point_major = point_major_layout(logits_in);
   const Tensor logits = point_major ? logits_in : logits_in.contiguous(), pre = pre_in.contiguous(),
                post = post_in.contiguous(), compat = compat_in.contiguous();
-  Tensor out = point_major ? empty_output({N, L}, at::kFloat, at::MemoryFormat::Contiguous).t()
-                           : empty_output({L, N}, at::kFloat, at::MemoryFormat::Contiguous);
+  Tensor out = empty_q(logits_in, point_major);
   mean_field_points(logits.const_data_ptr<float>(), point_major, L, N, lats, pre.const_data_ptr<float>(),
                     post.const_data_ptr<float>(), compat.const_data_ptr<float>(), iterations,
                     out.mutable_data_ptr<float>());
@@ -1417,11 +1423,10 @@ Tensor dense_crf_mean_field_batch_cpu(const Tensor& logits_in, at::TensorList la
   const int64_t K = static_cast<int64_t>(lats[0].size());
   // Each image label-major, or each point-major (the [B, L, N] transpose of a contiguous [B, N, L]:
   // a channels_last unary); Q comes back in the same layout.
-  const bool point_major = !logits_in.is_contiguous() && logits_in.transpose(1, 2).is_contiguous();
+  const bool point_major = point_major_layout(logits_in);
   const Tensor logits = point_major ? logits_in : logits_in.contiguous(), pre = pre_in.contiguous(),
                post = post_in.contiguous(), compat = compat_in.contiguous();
-  Tensor out = point_major ? empty_output({B, N, L}, at::kFloat, at::MemoryFormat::Contiguous).transpose(1, 2)
-                           : empty_output({B, L, N}, at::kFloat, at::MemoryFormat::Contiguous);
+  Tensor out = empty_q(logits_in, point_major);
   const float* lg = logits.const_data_ptr<float>();
   const float *pre_p = pre.const_data_ptr<float>(), *post_p = post.const_data_ptr<float>();
   float* o = out.mutable_data_ptr<float>();

@@ -47,29 +47,27 @@ def _splat_blur_fake(values, scale, offsets, weights, neighbors, reverse):
 
 
 def _point_major(logits: torch.Tensor) -> bool:
-    """Whether [L, N] logits are the transpose of a contiguous [N, L] tensor (pydensecrf's layout);
-    dense_crf_mean_field returns Q in the layout of its logits: this one, or contiguous [L, N]."""
-    return not logits.is_contiguous() and logits.t().is_contiguous()
+    """Whether logits [..., L, N] are the transpose of a contiguous [..., N, L] tensor (pydensecrf's
+    layout; a channels_last unary's for a batch). The mean-field ops return Q in the layout of their
+    logits: this one, or contiguous."""
+    return not logits.is_contiguous() and logits.transpose(-2, -1).is_contiguous()
 
 
-def _point_major_batch(logits: torch.Tensor) -> bool:
-    """Whether [B, L, N] logits are the transpose of a contiguous [B, N, L] tensor (a channels_last
-    unary's layout); dense_crf_mean_field_batch returns Q in this layout or contiguous [B, L, N]."""
-    return not logits.is_contiguous() and logits.transpose(1, 2).is_contiguous()
+def _empty_q(logits: torch.Tensor) -> torch.Tensor:
+    """An empty float32 Q shaped and laid out as the mean-field ops return it for these logits."""
+    if _point_major(logits):
+        return logits.new_empty(logits.transpose(-2, -1).shape, dtype=torch.float32).transpose(-2, -1)
+    return logits.new_empty(logits.shape, dtype=torch.float32)
 
 
 @torch.library.register_fake("deconvseg::dense_crf_mean_field")
 def _mean_field_fake(logits, lattices, pre, post, compat, iterations):
-    if _point_major(logits):
-        return logits.new_empty(logits.shape[::-1]).t()
-    return logits.new_empty(logits.shape)
+    return _empty_q(logits)
 
 
 @torch.library.register_fake("deconvseg::dense_crf_mean_field_batch")
 def _mean_field_batch_fake(logits, lattices, pre, post, compat, iterations):
-    if logits.dim() == 3 and _point_major_batch(logits):
-        return logits.new_empty((logits.shape[0], logits.shape[2], logits.shape[1])).transpose(1, 2)
-    return logits.new_empty(logits.shape)
+    return _empty_q(logits)
 
 
 def _filter_setup(ctx, inputs, output):
@@ -169,7 +167,7 @@ def mean_field_batch(logits: torch.Tensor, lattice_sets, pre: torch.Tensor, post
     """
     flat = [t for lats in lattice_sets for lat in lats for t in lat.tensors]
     logits = logits.float()
-    if not _point_major_batch(logits):
+    if not _point_major(logits):
         logits = logits.contiguous()
     return _ops.dense_crf_mean_field_batch.default(logits, flat, pre.float().contiguous(),
                                                    post.float().contiguous(), compat.float().contiguous(),
@@ -254,10 +252,7 @@ def _mean_field_cuda(logits, lattices, pre, post, compat, iterations):
             raise ValueError(f"neighbors hold out-of-range vertices (expected 0..{m})")
     diagonal = [not g for g in host[2 * K:]]
 
-    if _point_major(logits):
-        result = torch.empty((N, L), dtype=torch.float32, device=logits.device).t()
-    else:
-        result = torch.empty((L, N), dtype=torch.float32, device=logits.device)
+    result = _empty_q(logits)
     if result.numel() == 0:
         return result
     tc = _triton()
@@ -294,11 +289,9 @@ def _mean_field_batch_cuda(logits, lattices, pre, post, compat, iterations):
     for name, t in (("pre", pre), ("post", post)):
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != (B, K, N) or t.dtype != torch.float32:
             raise ValueError(f"{name} must be a float32 [B, K, N] tensor")
-    if _point_major_batch(logits):  # the CPU op's layout rule
-        result = logits.new_empty((B, N, L)).transpose(1, 2)
-    else:
+    if not _point_major(logits):
         logits = logits.contiguous()
-        result = logits.new_empty((B, L, N))
+    result = _empty_q(logits)  # the CPU op's layout rule
     for b in range(B):
         result[b].copy_(_mean_field_cuda(logits[b], lattices[b * per_image:(b + 1) * per_image], pre[b], post[b],
                                          compat, iterations))
