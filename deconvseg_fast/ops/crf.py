@@ -148,12 +148,7 @@ def mean_field(logits: torch.Tensor, lattices, pre: torch.Tensor, post: torch.Te
     layout) are read as they are, and Q comes back in that layout too; any other layout is made
     contiguous [L, N].
     """
-    flat = [t for lat in lattices for t in lat.tensors]
-    logits = logits.float()
-    if not _point_major(logits):
-        logits = logits.contiguous()
-    return _ops.dense_crf_mean_field.default(logits, flat, pre.float().contiguous(), post.float().contiguous(),
-                                             compat.float().contiguous(), int(iterations))
+    return _call_mean_field(_ops.dense_crf_mean_field.default, logits, lattices, pre, post, compat, iterations)
 
 
 def mean_field_batch(logits: torch.Tensor, lattice_sets, pre: torch.Tensor, post: torch.Tensor,
@@ -165,13 +160,19 @@ def mean_field_batch(logits: torch.Tensor, lattice_sets, pre: torch.Tensor, post
     images run one per thread (see csrc/cpu/crf.cpp), which beats splitting each image over the
     threads: no barrier inside an image, and each core's caches hold one image's lattice.
     """
-    flat = [t for lats in lattice_sets for lat in lats for t in lat.tensors]
+    lattices = [lat for lats in lattice_sets for lat in lats]
+    return _call_mean_field(_ops.dense_crf_mean_field_batch.default, logits, lattices, pre, post, compat,
+                            iterations)
+
+
+def _call_mean_field(op, logits, lattices, pre, post, compat, iterations):
+    # Both mean-field ops take float32 operands; point-major logits are passed as they are.
+    flat = [t for lat in lattices for t in lat.tensors]
     logits = logits.float()
     if not _point_major(logits):
         logits = logits.contiguous()
-    return _ops.dense_crf_mean_field_batch.default(logits, flat, pre.float().contiguous(),
-                                                   post.float().contiguous(), compat.float().contiguous(),
-                                                   int(iterations))
+    return op(logits, flat, pre.float().contiguous(), post.float().contiguous(), compat.float().contiguous(),
+              int(iterations))
 
 
 # ----------------------------------------------------------------------------------------------
