@@ -438,35 +438,39 @@ def _mean_field_composed(logits, lattices, norms, weights, compat, normalization
     return q
 
 
-def _fused_operands(labels: int, n: int, norms, weights, compat, normalization, device):
-    """The fused op's pre / post [K, N] normalisations and compat [K, L, L] matrices of one point set."""
+def _fused_norms(n: int, norms, normalization, device):
+    """The fused op's pre / post [K, N] normalisations of one point set."""
     ones = torch.ones(n, device=device)
     pre = torch.stack([norm.view(-1) if normalization in ("symmetric", "before") else ones for norm in norms])
     post = pre if normalization in ("symmetric", "none") else torch.stack(
         [norm.view(-1) if normalization == "after" else ones for norm in norms])  # one array read, not two
+    return pre, post
+
+
+def _fused_compat(labels: int, weights, compat, device):
+    """The fused op's compat [K, L, L]: each kernel's weight times the compatibility (Potts: -I)."""
     eye = torch.eye(labels, device=device)
-    mats = [float(w) * (compat.detach().float() if compat is not None else -eye) for w in weights]
-    return pre, post, torch.stack(mats)
+    return torch.stack([float(w) * (compat.detach().float() if compat is not None else -eye) for w in weights])
 
 
 def _mean_field_fused(logits, lattices, norms, weights, compat, normalization, iterations):
     # Inference only: one C++ call runs every iteration (slice, compatibility, softmax fused).
     # logits [L, N] -> Q [L, N].
     labels, n = logits.shape
-    pre, post, mats = _fused_operands(labels, n, norms, weights, compat, normalization, logits.device)
-    return _crf.mean_field(logits, lattices, pre, post, mats, iterations)
+    pre, post = _fused_norms(n, norms, normalization, logits.device)
+    return _crf.mean_field(logits, lattices, pre, post, _fused_compat(labels, weights, compat, logits.device),
+                           iterations)
 
 
 def _mean_field_fused_batch(logits, sets, weights, compat, normalization, iterations):
-    # The same for a group of images in one call, one image per thread on the CPU: logits [B, L, N],
+    # The same for a whole batch in one call, one image per thread on the CPU: logits [B, L, N],
     # sets: each image's (lattices, norms) -> Q [B, L, N].
     _, labels, n = logits.shape
-    operands = [_fused_operands(labels, n, norms, weights, compat, normalization, logits.device)
-                for _lattices, norms in sets]
-    pre = torch.stack([o[0] for o in operands])
-    post = torch.stack([o[1] for o in operands])
-    return _crf.mean_field_batch(logits, [lattices for lattices, _norms in sets], pre, post, operands[0][2],
-                                 iterations)
+    norms = [_fused_norms(n, image_norms, normalization, logits.device) for _lattices, image_norms in sets]
+    pre = torch.stack([image_pre for image_pre, _post in norms])
+    post = torch.stack([image_post for _pre, image_post in norms])
+    return _crf.mean_field_batch(logits, [lattices for lattices, _norms in sets], pre, post,
+                                 _fused_compat(labels, weights, compat, logits.device), iterations)
 
 
 def _crf_norm(lattice, n: int, normalization: str, dtype) -> torch.Tensor | None:
