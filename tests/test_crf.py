@@ -175,6 +175,52 @@ def test_same_bits_for_any_thread_count(tmp_path):
     assert torch.equal(results[0], results[1]) and torch.equal(results[1], results[2])
 
 
+def _sweeps(lattice):
+    # The C++ rule for adding and blurring a lattice in one sweep: the reaches of its blur axes
+    # (largest |neighbour row - row|, "no neighbour" excepted) add up to at most a quarter of its rows.
+    nb = lattice.tensors[2].long()
+    rows = torch.arange(1, nb.shape[1] + 1).view(1, -1, 1)
+    reach = torch.where(nb == 0, 0, (nb - rows).abs()).amax((1, 2))
+    return int(reach.sum()) <= nb.shape[1] // 4
+
+
+@pytest.mark.parametrize("channels", [2, 8, 21])  # the portable rows, whole registers, a half register
+def test_blur_sweep_gives_the_bits_of_the_phased_blur(channels):
+    # One thread sweeps a pixel grid's lattice (every stage a few rows behind the one before); with
+    # several threads a lattice alone runs in phases. Same rows, same operations: same bits.
+    g = torch.Generator().manual_seed(3)
+    lattice, _coords = F._grid_lattice(1, 96, 128, 3.0, None, torch.device("cpu"))
+    assert _sweeps(lattice)
+    values = torch.rand(96 * 128, channels, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        swept = lattice.filter_points(values)
+        torch.set_num_threads(2)
+        phased = lattice.filter_points(values)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(swept, phased)
+
+
+def test_mean_field_sweep_and_phases_together_keep_the_bits():
+    # dense_crf's pair at two or more threads: one thread sweeps the Gaussian lattice while the others
+    # start the bilateral one's phases, and joins them when done; one thread does both in turn.
+    g = torch.Generator().manual_seed(4)
+    unary = torch.randn(1, 21, 96, 128, generator=g)
+    img = (torch.rand(1, 3, 96, 128, generator=g) * 255).to(torch.uint8)
+    assert _sweeps(F._grid_lattice(1, 96, 128, 3.0, None, torch.device("cpu"))[0])
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in (1, 2, 3):
+            torch.set_num_threads(t)
+            results.append(F.dense_crf(unary, img, iterations=3))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2])
+
+
 PORTABLE = """
 import torch, deconvseg_fast.functional as F
 g = torch.Generator().manual_seed(0)

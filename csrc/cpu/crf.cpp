@@ -607,6 +607,71 @@ DSF_MULTIVERSION void blur_range(const T* __restrict src, const int32_t* __restr
   }
 }
 
+#ifdef DSF_HAVE_AVX512_KERNELS
+namespace avx512 {
+
+// blur_range and add_parts for float rows of a multiple of 8 (every padded label count): full
+// registers, then a half register, written out per row (the portable loops ran Cp / 8 rounds of a
+// half register per row, in a loop the compiler does not unroll). Same operations, same bits.
+DSF_AVX512 void blur_rows(const float* __restrict src, const int32_t* __restrict nbj, int64_t Cp, int64_t begin,
+                          int64_t end, float* __restrict dst) {
+  const int64_t full = Cp / 16 * 16;
+  const __m512 half = _mm512_set1_ps(0.5f);
+  for (int64_t v = begin; v < end; ++v) {
+    const float* o = src + (v + 1) * Cp;
+    const float* p1 = src + static_cast<int64_t>(nbj[v * 2]) * Cp;
+    const float* p2 = src + static_cast<int64_t>(nbj[v * 2 + 1]) * Cp;
+    float* out = dst + (v + 1) * Cp;
+    for (int64_t c = 0; c < full; c += 16)
+      _mm512_storeu_ps(out + c, _mm512_add_ps(_mm512_loadu_ps(o + c),
+                                              _mm512_mul_ps(half, _mm512_add_ps(_mm512_loadu_ps(p1 + c),
+                                                                                _mm512_loadu_ps(p2 + c)))));
+    if (full < Cp)
+      _mm256_storeu_ps(out + full,
+                       _mm256_add_ps(_mm256_loadu_ps(o + full),
+                                     _mm256_mul_ps(_mm512_castps512_ps256(half),
+                                                   _mm256_add_ps(_mm256_loadu_ps(p1 + full), _mm256_loadu_ps(p2 + full)))));
+  }
+}
+
+DSF_AVX512 void add_rows(float* __restrict parts, int64_t part_stride, const int64_t* lo, const int64_t* hi,
+                         int64_t Cp, int64_t begin, int64_t end, float* __restrict out) {
+  const int64_t full = Cp / 16 * 16;
+  for (int64_t v = begin; v < end; ++v) {
+    float* with[kSplatParts];  // row v of each part whose band holds it, in part order
+    int n = 0;
+    for (int64_t p = 0; p < kSplatParts; ++p)
+      if (v >= lo[p] && v < hi[p]) with[n++] = parts + p * part_stride + v * Cp;
+    float* dst = out + v * Cp;
+    if (n == 0) {
+      for (int64_t c = 0; c < full; c += 16) _mm512_storeu_ps(dst + c, _mm512_setzero_ps());
+      if (full < Cp) _mm256_storeu_ps(dst + full, _mm256_setzero_ps());
+      continue;
+    }
+    for (int64_t c = 0; c < full; c += 16) {
+      __m512 acc = _mm512_loadu_ps(with[0] + c);
+      _mm512_storeu_ps(with[0] + c, _mm512_setzero_ps());
+      for (int j = 1; j < n; ++j) {
+        acc = _mm512_add_ps(acc, _mm512_loadu_ps(with[j] + c));
+        _mm512_storeu_ps(with[j] + c, _mm512_setzero_ps());
+      }
+      _mm512_storeu_ps(dst + c, acc);
+    }
+    if (full < Cp) {
+      __m256 acc = _mm256_loadu_ps(with[0] + full);
+      _mm256_storeu_ps(with[0] + full, _mm256_setzero_ps());
+      for (int j = 1; j < n; ++j) {
+        acc = _mm256_add_ps(acc, _mm256_loadu_ps(with[j] + full));
+        _mm256_storeu_ps(with[j] + full, _mm256_setzero_ps());
+      }
+      _mm256_storeu_ps(dst + full, acc);
+    }
+  }
+}
+
+}  // namespace avx512
+#endif
+
 // out[0:Cp] = sum over pixel i's simplex corners of (weight * buf[vertex+1]) * alpha.
 template <typename T>
 inline void slice_one(const T* __restrict buf, const LatticeView& L, int64_t i, int64_t Cp, T alpha, T* __restrict out) {
@@ -671,55 +736,195 @@ void splat_parts(const LatticeView& L, const T* in, const T* scale, VertexBuffer
   });
 }
 
-// body(k, begin, end) over rows [0, rows[k]) of K arrays in blocks of `block` rows, all in one
-// parallel region (blocks taken dynamically, as in parallel_blocks).
-template <typename F>
-void parallel_blocks_of(const std::vector<int64_t>& rows, int64_t block, const F& body) {
-  const int64_t K = static_cast<int64_t>(rows.size());
-  std::vector<int64_t> first(K + 1, 0);  // block index of array k's first block
-  for (int64_t k = 0; k < K; ++k) first[k + 1] = first[k] + (rows[k] + block - 1) / block;
-  parallel_blocks(first[K], 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t k = std::upper_bound(first.begin(), first.end(), blk) - first.begin() - 1;
-      const int64_t begin = (blk - first[k]) * block;
-      body(k, begin, std::min(rows[k], begin + block));
+// How far (in rows) blur step `step` of L reaches: the largest |neighbour row - row| of its axis
+// (neighbour 0, "none", excepted); stops counting once past `cap`.
+inline int64_t blur_reach(const LatticeView& L, int axis, int64_t cap) {
+  const int32_t* nb = L.nb + static_cast<int64_t>(axis) * L.M * 2;
+  int64_t reach = 0;
+  for (int64_t v0 = 0; v0 < L.M && reach <= cap; v0 += 4096) {
+    const int64_t v1 = std::min(L.M, v0 + 4096);
+    int64_t r = 0;
+    for (int64_t v = v0; v < v1; ++v)
+      for (int s = 0; s < 2; ++s) {
+        const int64_t n = nb[v * 2 + s];
+        const int64_t gap = n == 0 ? 0 : n > v + 1 ? n - v - 1 : v + 1 - n;
+        r = gap > r ? gap : r;
+      }
+    reach = std::max(reach, r);
+  }
+  return reach;
+}
+
+// One lattice's add and blur, as stages over its buffer rows: stage 0 adds the parts into a (all
+// rows), stage s = 1..D1 blurs along the (s-1)-th axis of the order (rows 1..M; row 0 is the zero
+// "no neighbour" row), from a into b for odd s, from b into a for even s.
+template <typename T>
+struct ReduceBlur {
+  const LatticeView* lat = nullptr;
+  VertexBuffers<T>* buf = nullptr;
+  T* a = nullptr;
+  T* b = nullptr;
+  bool reverse = false;
+  int64_t rows() const { return buf->rows; }
+  int64_t stages() const { return lat->D1 + 1; }
+  const T* result() const { return lat->D1 % 2 ? b : a; }
+  // Stage s over rows [begin, end).
+  void run(int s, int64_t begin, int64_t end) const {
+    if (s == 0) {
+#ifdef DSF_HAVE_AVX512_KERNELS
+      if constexpr (std::is_same_v<T, float>) {
+        if (buf->Cp % 8 == 0 && cpu_has_avx512()) {
+          avx512::add_rows(buf->parts.template mutable_data_ptr<T>(), buf->rows * buf->Cp, lat->part_lo,
+                           lat->part_hi, buf->Cp, begin, end, a);
+          return;
+        }
+      }
+#endif
+      add_parts<T>(buf->parts.template mutable_data_ptr<T>(), buf->rows * buf->Cp, lat->part_lo, lat->part_hi,
+                   buf->Cp, begin, end, a);
+      return;
     }
-  });
+    const int d = static_cast<int>(lat->D1 - 1), step = s - 1;
+    const int32_t* nbj = lat->nb + static_cast<int64_t>(reverse ? d - step : step) * lat->M * 2;
+    // blur_range's vertex v is buffer row v + 1.
+#ifdef DSF_HAVE_AVX512_KERNELS
+    if constexpr (std::is_same_v<T, float>) {
+      if (buf->Cp % 8 == 0 && cpu_has_avx512()) {
+        avx512::blur_rows(s % 2 ? a : b, nbj, buf->Cp, begin - 1, end - 1, s % 2 ? b : a);
+        return;
+      }
+    }
+#endif
+    blur_range<T>(s % 2 ? a : b, nbj, buf->Cp, begin - 1, end - 1, s % 2 ? b : a);
+  }
+  int64_t first_row(int s) const { return s == 0 ? 0 : 1; }
+};
+
+// A lattice whose vertices are numbered so that every blur neighbour is near (the appearance-free
+// lattice of a pixel grid: a few image rows' worth of vertices) can run all its stages in one
+// sweep on one thread, each stage a fixed distance behind the one before: the rows in flight stay in
+// the core's L2 cache, where d + 2 passes over the whole buffers go to memory (a mean-field pass
+// streams tens of MB between two blurs and leaves none of the buffers in cache).
+// Stage s may compute row r once stage s-1 has finished the rows r reads (its neighbours within
+// reach of the axis) and has no row left that still reads the row s overwrites (stage s writes the
+// buffer stage s-1 reads, for s >= 2): lag[s] = that distance. Returns false when the reach is too
+// long for a sweep to pay (over a quarter of the rows in all).
+inline bool sweep_lags(const LatticeView& L, bool reverse, std::vector<int64_t>& lag) {
+  const int d = static_cast<int>(L.D1 - 1);
+  const int64_t budget = L.M / 4;
+  std::vector<int64_t> reach(L.D1);
+  int64_t total = 0;
+  for (int step = 0; step < L.D1; ++step) {
+    reach[step] = blur_reach(L, reverse ? d - step : step, budget);
+    total += reach[step];
+    if (total > budget) return false;
+  }
+  lag.assign(L.D1 + 1, 0);
+  lag[1] = reach[0];
+  for (int s = 2; s <= L.D1; ++s) lag[s] = std::max(reach[s - 2], reach[s - 1]);
+  return true;
+}
+
+// How reduce_blur_all runs each of K lattices: its sweep's lags, or empty for phases (below). The
+// threads that will run it: a sweep is one thread's work, so with several threads lattices sweep
+// only if that leaves phases or enough sweeps to keep every thread busy.
+using BlurPlan = std::vector<std::vector<int64_t>>;
+inline BlurPlan plan_blur(const LatticeView* const* lats, int64_t K, bool reverse, int64_t threads) {
+  BlurPlan plan(K);
+  if (threads > 1 && K < 2) return plan;
+  int64_t swept = 0;
+  for (int64_t k = 0; k < K; ++k) swept += sweep_lags(*lats[k], reverse, plan[k]);
+  if (threads > 1 && swept == K && swept < threads) plan.assign(K, {});
+  return plan;
+}
+
+inline int64_t blur_threads() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
+
+// The sweep: every stage advances by up to 256 rows per round, as far as its lag allows.
+template <typename T>
+void sweep(const ReduceBlur<T>& rb, const std::vector<int64_t>& lag) {
+  const int S = static_cast<int>(rb.stages());
+  const int64_t R = rb.rows();
+  std::vector<int64_t> done(S);
+  for (int s = 0; s < S; ++s) done[s] = rb.first_row(s);
+  while (done[S - 1] < R) {
+    for (int s = 0; s < S; ++s) {
+      const int64_t limit = s == 0 || done[s - 1] == R ? R : std::max<int64_t>(0, done[s - 1] - lag[s]);
+      const int64_t end = std::min(limit, done[s] + 256);
+      if (end > done[s]) {
+        rb.run(s, done[s], end);
+        done[s] = end;
+      }
+    }
+  }
+}
+
+inline void spin_pause() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  _mm_pause();
+#endif
 }
 
 // For each of K lattices: add its parts in part order (clearing them) and blur along every axis;
-// out[k] = the buffer that holds lattice k's result. Each step -- the adds, then blur axis 0, 1,
-// ... -- is one parallel region over every lattice that has it: 1 + max(d + 1) barriers, not the
-// sum over the lattices of d + 2 (7 instead of 11 for dense_crf's pair, per iteration).
+// out[k] = the buffer that holds lattice k's result. Lattices with near neighbours sweep (above),
+// each on one thread; the others run in phases -- the adds, then blur axis 0, 1, ... -- each a set
+// of row blocks that any thread takes, a phase starting once the one before is complete. There is
+// no barrier: a thread that finishes a sweep joins the phases wherever they are. Which thread
+// computes a row never changes its bits.
 template <typename T>
 void reduce_blur_all(const LatticeView* const* lats, VertexBuffers<T>* const* bufs, int64_t K, bool reverse,
-                     const T** out) {
-  std::vector<T*> a(K), b(K);
-  std::vector<int64_t> rows(K);
-  int max_d = 0;
+                     const BlurPlan& plan, const T** out) {
+  std::vector<ReduceBlur<T>> rbs(K);
   for (int64_t k = 0; k < K; ++k) {
-    a[k] = bufs[k]->a.template mutable_data_ptr<T>();
-    b[k] = bufs[k]->b.template mutable_data_ptr<T>();
-    rows[k] = bufs[k]->rows;
+    rbs[k] = {lats[k], bufs[k], bufs[k]->a.template mutable_data_ptr<T>(),
+              bufs[k]->b.template mutable_data_ptr<T>(), reverse};
     // Row 0 of both buffers is the zero "no neighbour" row (it only ever received no splats).
-    std::memset(b[k], 0, bufs[k]->Cp * sizeof(T));
-    max_d = std::max(max_d, static_cast<int>(lats[k]->D1 - 1));
+    std::memset(rbs[k].b, 0, bufs[k]->Cp * sizeof(T));
   }
-  parallel_blocks_of(rows, 512, [&](int64_t k, int64_t begin, int64_t end) {
-    add_parts<T>(bufs[k]->parts.template mutable_data_ptr<T>(), bufs[k]->rows * bufs[k]->Cp, lats[k]->part_lo,
-                 lats[k]->part_hi, bufs[k]->Cp, begin, end, a[k]);
-  });
-  for (int step = 0; step <= max_d; ++step) {
-    for (int64_t k = 0; k < K; ++k) rows[k] = step < lats[k]->D1 ? lats[k]->M : 0;
-    parallel_blocks_of(rows, 256, [&](int64_t k, int64_t begin, int64_t end) {
-      const int d = static_cast<int>(lats[k]->D1 - 1);
-      const int32_t* nbj = lats[k]->nb + static_cast<int64_t>(reverse ? d - step : step) * lats[k]->M * 2;
-      blur_range<T>(a[k], nbj, bufs[k]->Cp, begin, end, b[k]);
+  const int64_t threads = blur_threads();
+  std::vector<int64_t> swept, phased;
+  for (int64_t k = 0; k < K; ++k) (plan[k].empty() ? phased : swept).push_back(k);
+  // Phase p holds stage p of every phased lattice that has it, in blocks of 256 rows (512 for the
+  // adds); first[p][j] is the index of phased lattice j's first block in phase p.
+  int max_stages = 0;
+  for (int64_t k : phased) max_stages = std::max(max_stages, static_cast<int>(rbs[k].stages()));
+  std::vector<std::vector<int64_t>> first(max_stages, std::vector<int64_t>(phased.size() + 1, 0));
+  auto block_of = [](int p) -> int64_t { return p == 0 ? 512 : 256; };
+  for (int p = 0; p < max_stages; ++p)
+    for (size_t j = 0; j < phased.size(); ++j) {
+      const ReduceBlur<T>& rb = rbs[phased[j]];
+      const int64_t n = p < rb.stages() ? rb.rows() - rb.first_row(p) : 0;
+      first[p][j + 1] = first[p][j] + (n + block_of(p) - 1) / block_of(p);
+    }
+  auto run_block = [&](int p, int64_t blk) {
+    const std::vector<int64_t>& f = first[p];
+    const size_t j = std::upper_bound(f.begin(), f.end(), blk) - f.begin() - 1;
+    const ReduceBlur<T>& rb = rbs[phased[j]];
+    const int64_t begin = rb.first_row(p) + (blk - f[j]) * block_of(p);
+    rb.run(p, begin, std::min(rb.rows(), begin + block_of(p)));
+  };
+  if (threads <= 1) {
+    for (int64_t k : swept) sweep(rbs[k], plan[k]);
+    for (int p = 0; p < max_stages; ++p)
+      for (int64_t blk = 0; blk < first[p].back(); ++blk) run_block(p, blk);
+  } else {
+    std::atomic<int64_t> next_sweep{0};
+    std::vector<std::atomic<int64_t>> next(max_stages), done(max_stages);
+    for (int p = 0; p < max_stages; ++p) next[p] = done[p] = 0;
+    at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+      for (int64_t t = next_sweep.fetch_add(1); t < static_cast<int64_t>(swept.size()); t = next_sweep.fetch_add(1))
+        sweep(rbs[swept[t]], plan[swept[t]]);
+      for (int p = 0; p < max_stages; ++p) {
+        const int64_t blocks = first[p].back();
+        for (int64_t blk = next[p].fetch_add(1); blk < blocks; blk = next[p].fetch_add(1)) {
+          run_block(p, blk);
+          done[p].fetch_add(1, std::memory_order_acq_rel);
+        }
+        while (done[p].load(std::memory_order_acquire) < blocks) spin_pause();
+      }
     });
-    for (int64_t k = 0; k < K; ++k)
-      if (step < lats[k]->D1) std::swap(a[k], b[k]);
   }
-  for (int64_t k = 0; k < K; ++k) out[k] = a[k];
+  for (int64_t k = 0; k < K; ++k) out[k] = rbs[k].result();
 }
 
 // reduce_blur_all of one lattice; returns the buffer that holds the result.
@@ -728,7 +933,7 @@ const T* reduce_blur(const LatticeView& L, bool reverse, VertexBuffers<T>& bufs)
   const LatticeView* lat = &L;
   VertexBuffers<T>* buf = &bufs;
   const T* out = nullptr;
-  reduce_blur_all<T>(&lat, &buf, 1, reverse, &out);
+  reduce_blur_all<T>(&lat, &buf, 1, reverse, plan_blur(&lat, 1, reverse, blur_threads()), &out);
   return out;
 }
 
@@ -1293,9 +1498,10 @@ void mean_field_points(const float* lg, bool point_major, int64_t L, int64_t N, 
     lat_ptrs.push_back(&lats[k]);
     buf_ptrs.push_back(&vbufs[k]);
   }
+  const BlurPlan plan = plan_blur(lat_ptrs.data(), static_cast<int64_t>(lat_ptrs.size()), false, blur_threads());
   for (int64_t it = -1; it < iterations; ++it) {
     const bool slice = it >= 0;
-    if (slice) reduce_blur_all<float>(lat_ptrs.data(), buf_ptrs.data(), K, false, blurred.data());
+    if (slice) reduce_blur_all<float>(lat_ptrs.data(), buf_ptrs.data(), K, false, plan, blurred.data());
     // One task per splat part: update a block of pixels, then splat the new Q rows (still in
     // cache) into that part for the next iteration. The slices read the blurred buffers and the
     // splats write the part buffers, so nothing is read and written at once; each part receives
