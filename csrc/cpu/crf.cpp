@@ -307,9 +307,11 @@ std::tuple<Tensor, Tensor, Tensor> build_lattice(const Tensor& features, int d_r
   //    the sequential first-occurrence order), and every entry is mapped to its global index.
   constexpr int64_t kChunks = 16;
   auto chunk_begin = [&](int64_t c) { return c * N / kChunks; };
-  Tensor weights = at::empty({N, D1}, features.options());
+  // The outputs come from the caching allocator (huge_pages.h): a lattice per image, every image the
+  // same size, would otherwise fault in ~10 MB of fresh pages per build.
+  Tensor weights = empty_output({N, D1}, at::kFloat, at::MemoryFormat::Contiguous);
   float* w = weights.mutable_data_ptr<float>();
-  Tensor offsets = at::empty({N, D1}, features.options().dtype(at::kInt));
+  Tensor offsets = empty_output({N, D1}, at::kInt, at::MemoryFormat::Contiguous);
   int32_t* off = offsets.mutable_data_ptr<int32_t>();
   std::vector<std::vector<int32_t>> chunk_keys(kChunks);  // each chunk's distinct keys, local order
 #ifdef DSF_HAVE_AVX512_KERNELS
@@ -384,8 +386,9 @@ std::tuple<Tensor, Tensor, Tensor> build_lattice(const Tensor& features, int d_r
   //    The two moves are inverse translations: u = n1(v) exactly when v = n2(u). So one lookup per
   //    vertex and axis fills both: v's first neighbour and u's second (each u is some one v's n1,
   //    so no two threads write the same entry; entries nobody writes stay 0, "not in the lattice").
-  Tensor neighbors = at::zeros({D1, M, 2}, offsets.options());
+  Tensor neighbors = empty_output({D1, M, 2}, at::kInt, at::MemoryFormat::Contiguous);
   int32_t* nb = neighbors.mutable_data_ptr<int32_t>();
+  std::memset(nb, 0, neighbors.nbytes());
   parallel_blocks(M, 1024, [&](int64_t begin, int64_t end) {
     int32_t n1[lattice::kMaxDim], n2[lattice::kMaxDim];
     for (int64_t v = begin; v < end; ++v) {
