@@ -205,9 +205,12 @@ def _positive(value, name: str) -> float:
     return v
 
 
-def _check_crf_inputs(unary, image, image_name: str, batch: str, batch_words: str) -> tuple[int, int, int, int]:
+def _check_crf_inputs(unary, image, image_name: str, batch: str, batch_words: str,
+                      finite: bool = True) -> tuple[int, int, int, int]:
     """dense_crf's and dense_crf_video's checks of unary [B, L, H, W] and its images [B, 3, H, W];
-    ``batch`` names the first dim in messages ("B" or "T"). Returns (B, L, H, W)."""
+    ``batch`` names the first dim in messages ("B" or "T"). Returns (B, L, H, W). finite=False leaves
+    the NaN/Inf check to the fused CPU mean-field op, which makes it in its first read of the logits
+    (one read of the unary fewer)."""
     if not isinstance(unary, torch.Tensor) or not isinstance(image, torch.Tensor):
         raise TypeError(f"unary and {image_name} must be torch.Tensors")
     if unary.dim() != 4:
@@ -226,7 +229,7 @@ def _check_crf_inputs(unary, image, image_name: str, batch: str, batch_words: st
         raise ValueError(f"unary must have at least one label and one pixel, got {list(unary.shape)}")
     # A sum is finite when every element is (checked without allocating a mask); only a sum that
     # overflowed needs the element-wise look.
-    if not torch.isfinite(unary.sum()) and not torch.isfinite(unary).all():
+    if finite and not torch.isfinite(unary.sum()) and not torch.isfinite(unary).all():
         raise ValueError("unary must be finite (found NaN or Inf)")
     return B, L, H, W
 
@@ -280,7 +283,10 @@ def dense_crf(
     [L, L] label-compatibility (penalty) matrix mu, so that Potts is mu = 1 - I. Returns Q, the
     marginals [B, L, H, W]; differentiable in unary, the weights and compat.
     """
-    B, L, H, W = _check_crf_inputs(unary, image, "image", "B", "batch size")
+    needs_grad = _needs_grad(unary, gaussian_weight, bilateral_weight, compat)
+    fused_cpu = (isinstance(unary, torch.Tensor) and not needs_grad and unary.dtype == torch.float32
+                 and unary.device.type == "cpu")
+    B, L, H, W = _check_crf_inputs(unary, image, "image", "B", "batch size", finite=not fused_cpu)
     _check_crf_options(L, iterations, normalization, compat)
     sg = _positive(gaussian_sxy, "gaussian_sxy")
     sb = _positive(bilateral_sxy, "bilateral_sxy")
@@ -293,23 +299,22 @@ def dense_crf(
     gaussian, (xs, ys) = _grid_lattice(1, H, W, sg, None, unary.device)
     g_norm = _grid_norm(gaussian, 1, H, W, sg, None, normalization, dtype)
     weights = (gaussian_weight, bilateral_weight)
-    needs_grad = _needs_grad(unary, gaussian_weight, bilateral_weight, compat)
     # Fused CPU inference of a batch: every image's lattices first, then one call for the whole
     # batch, which runs the images one per thread (ops/crf.py mean_field_batch) and returns the
     # batch's Q without a copy. Otherwise one image at a time, each on every thread.
-    fused_cpu = B > 1 and not needs_grad and dtype == torch.float32 and unary.device.type == "cpu"
+    fused_batch = fused_cpu and B > 1
     out, sets = [], []
     for b in range(B):
         bilateral = _crf.Lattice.from_points(_bilateral_points(((xs, sb), (ys, sb)), image[b].reshape(3, -1), sc))
         lattices = (gaussian, bilateral)
         norms = (g_norm, _crf_norm(bilateral, H * W, normalization, dtype))
-        if fused_cpu:
+        if fused_batch:
             sets.append((lattices, norms))
             continue
         q = _mean_field(unary[b].reshape(L, -1), lattices, norms, weights, compat, normalization, iterations,
                         needs_grad, unary, "one image")
         out.append(q.reshape(L, H, W))
-    if fused_cpu:
+    if fused_batch:
         at_once = min(B, torch.get_num_threads())
         need = at_once * max(_mean_field_memory(lattices, H * W, L, 4) for lattices, _norms in sets)
         _refuse_if_too_big(need, unary, "one image" if at_once == 1 else f"{at_once} images at once (one per thread)")

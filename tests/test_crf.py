@@ -350,6 +350,24 @@ def test_opcheck_mean_field_batch(point_major):
     torch.library.opcheck(ops.dense_crf_mean_field_batch.default, (logits, flat, pre, pre, compat, 2))
 
 
+@pytest.mark.parametrize("labels", [5, 21, 70])  # registers (fixed corners) and the portable path
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_mean_field_ops_refuse_non_finite_logits(labels, bad):
+    # The fused ops check the logits in their first read (dense_crf leaves the check to them), in
+    # either layout, single image or batch, any iteration count, wherever the bad value sits.
+    from deconvseg_fast.ops.crf import mean_field, mean_field_batch
+    logits, lattice_sets, pre, compat = _batch_inputs(labels, images=2)
+    logits[1, labels - 1, 98] = bad  # the last label of the last point: the end of every copy
+    point_major = logits.transpose(1, 2).contiguous().transpose(1, 2)
+    for lg in (logits, point_major):
+        for iterations in (0, 2):
+            with pytest.raises(ValueError, match="unary must be finite"):
+                mean_field(lg[1], lattice_sets[1], pre[1], pre[1], compat, iterations)
+            with pytest.raises(ValueError, match="unary must be finite"):
+                mean_field_batch(lg, lattice_sets, pre, pre, compat, iterations)
+        assert torch.isfinite(mean_field(lg[0], lattice_sets[0], pre[0], pre[0], compat, 2)).all()
+
+
 def test_mean_field_batch_bad_input():
     logits, lattice_sets, pre, compat = _batch_inputs(5, images=2)
     flat = [t for lats in lattice_sets for lat in lats for t in lat.tensors]

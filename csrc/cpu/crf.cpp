@@ -1401,6 +1401,18 @@ inline MeanFieldBlockFn mean_field_block_for(int64_t Lp, const std::vector<int64
 }  // namespace avx512
 #endif
 
+// Whether every float of x[0, n) is finite: NaN's and Inf's exponent bits are all ones, and only
+// those carry into bit 31 when one more is added to the exponent field (integer ops: they vectorise).
+DSF_MULTIVERSION bool all_finite(const float* __restrict x, int64_t n) {
+  uint32_t carry = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t bits;
+    std::memcpy(&bits, x + i, sizeof(bits));
+    carry |= (bits & 0x7f800000u) + 0x00800000u;
+  }
+  return (carry & 0x80000000u) == 0;
+}
+
 // Mean-field inference of one point set with K Gaussian kernels, one pass over the points per
 // iteration on top of each kernel's splat and blur. logits [L, N]: label-major (contiguous, a
 // unary's own layout) or point_major (the transpose of a contiguous [N, L], pydensecrf's); lats:
@@ -1446,7 +1458,14 @@ void mean_field_points(const float* lg, bool point_major, int64_t L, int64_t N, 
   Tensor q = fast_block ? Tensor() : empty_output({N, ls}, at::kFloat, at::MemoryFormat::Contiguous);
   const float* lpp = own_rows ? lp.const_data_ptr<float>() : lg;
   float* qp = q.defined() ? q.mutable_data_ptr<float>() : nullptr;
-  if (own_rows) {
+  // The logits are checked for NaN and Inf where they are first read: in the copy to rows (the block
+  // just written, from L1), or in a pass of their own when they are used in place.
+  std::atomic<bool> finite{true};
+  if (!own_rows) {
+    at::parallel_for(0, N, 8192, [&](int64_t i0, int64_t i1) {
+      if (!all_finite(lg + i0 * L, (i1 - i0) * L)) finite = false;
+    });
+  } else {
     float* rows = lp.mutable_data_ptr<float>();
     // Label-major logits are transposed in blocks of 64 points, so each label's read is a contiguous
     // run and the written rows stay in L1; with AVX-512, in 16 x 16 blocks in registers.
@@ -1456,22 +1475,25 @@ void mean_field_points(const float* lg, bool point_major, int64_t L, int64_t N, 
         if (point_major) {  // padded copies of the rows
           for (int64_t i = i0; i < i1; ++i)
             for (int64_t c = 0; c < ls; ++c) rows[i * ls + c] = c < L ? lg[i * L + c] : -1e30f;
-          continue;
-        }
+        } else {
 #ifdef DSF_HAVE_AVX512_KERNELS
-        if (fast_block) {  // unpadded rows (ls = L)
-          for (int64_t j0 = i0; j0 < i1; j0 += 16)
-            for (int64_t c0 = 0; c0 < L; c0 += 16)
-              avx512::transpose16(lg + c0 * N + j0, N, static_cast<int>(std::min<int64_t>(16, L - c0)),
-                                  static_cast<int>(std::min<int64_t>(16, i1 - j0)), rows + j0 * ls + c0, ls);
-          continue;
-        }
+          if (fast_block) {  // unpadded rows (ls = L)
+            for (int64_t j0 = i0; j0 < i1; j0 += 16)
+              for (int64_t c0 = 0; c0 < L; c0 += 16)
+                avx512::transpose16(lg + c0 * N + j0, N, static_cast<int>(std::min<int64_t>(16, L - c0)),
+                                    static_cast<int>(std::min<int64_t>(16, i1 - j0)), rows + j0 * ls + c0, ls);
+          } else
 #endif
-        for (int64_t c = 0; c < ls; ++c)
-          for (int64_t i = i0; i < i1; ++i) rows[i * ls + c] = c < L ? lg[c * N + i] : -1e30f;
+          {
+            for (int64_t c = 0; c < ls; ++c)
+              for (int64_t i = i0; i < i1; ++i) rows[i * ls + c] = c < L ? lg[c * N + i] : -1e30f;
+          }
+        }
+        if (!all_finite(rows + i0 * ls, (i1 - i0) * ls)) finite = false;  // padding is finite
       }
     });
   }
+  TORCH_CHECK_VALUE(finite.load(), "unary must be finite: the logits hold NaN or Inf");
   std::vector<VertexBuffers<float>> vbufs;
   for (int64_t k = 0; k < K && iterations > 0; ++k) vbufs.emplace_back(lats[k], Lp, at::kFloat);
 #ifdef DSF_HAVE_AVX512_KERNELS
