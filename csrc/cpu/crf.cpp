@@ -616,25 +616,59 @@ namespace avx512 {
 // blur_range and add_parts for float rows of a multiple of 8 (every padded label count): full
 // registers, then a half register, written out per row (the portable loops ran Cp / 8 rounds of a
 // half register per row, in a loop the compiler does not unroll). Same operations, same bits.
+// Lanes<16> (a full register) and Lanes<8> (a half) give the two widths one interface.
+template <int W>
+struct Lanes {
+  static constexpr bool kFull = W == 16;
+  using V = std::conditional_t<kFull, __m512, __m256>;
+  DSF_AVX512 static V load(const float* p) {
+    if constexpr (kFull) return _mm512_loadu_ps(p); else return _mm256_loadu_ps(p);
+  }
+  DSF_AVX512 static void store(float* p, V v) {
+    if constexpr (kFull) _mm512_storeu_ps(p, v); else _mm256_storeu_ps(p, v);
+  }
+  DSF_AVX512 static V add(V a, V b) {
+    if constexpr (kFull) return _mm512_add_ps(a, b); else return _mm256_add_ps(a, b);
+  }
+  DSF_AVX512 static V mul(V a, V b) {
+    if constexpr (kFull) return _mm512_mul_ps(a, b); else return _mm256_mul_ps(a, b);
+  }
+  DSF_AVX512 static V set1(float x) {
+    if constexpr (kFull) return _mm512_set1_ps(x); else return _mm256_set1_ps(x);
+  }
+};
+
+// One register's worth of labels from c on: out = o + 0.5 * (p1 + p2).
+template <class R>
+DSF_AVX512 __attribute__((always_inline)) inline void blur_lanes(const float* o, const float* p1, const float* p2,
+                                                                 int64_t c, float* out) {
+  R::store(out + c, R::add(R::load(o + c), R::mul(R::set1(0.5f), R::add(R::load(p1 + c), R::load(p2 + c)))));
+}
+
 DSF_AVX512 void blur_rows(const float* __restrict src, const int32_t* __restrict nbj, int64_t Cp, int64_t begin,
                           int64_t end, float* __restrict dst) {
   const int64_t full = Cp / 16 * 16;
-  const __m512 half = _mm512_set1_ps(0.5f);
   for (int64_t v = begin; v < end; ++v) {
     const float* o = src + (v + 1) * Cp;
     const float* p1 = src + static_cast<int64_t>(nbj[v * 2]) * Cp;
     const float* p2 = src + static_cast<int64_t>(nbj[v * 2 + 1]) * Cp;
     float* out = dst + (v + 1) * Cp;
-    for (int64_t c = 0; c < full; c += 16)
-      _mm512_storeu_ps(out + c, _mm512_add_ps(_mm512_loadu_ps(o + c),
-                                              _mm512_mul_ps(half, _mm512_add_ps(_mm512_loadu_ps(p1 + c),
-                                                                                _mm512_loadu_ps(p2 + c)))));
-    if (full < Cp)
-      _mm256_storeu_ps(out + full,
-                       _mm256_add_ps(_mm256_loadu_ps(o + full),
-                                     _mm256_mul_ps(_mm512_castps512_ps256(half),
-                                                   _mm256_add_ps(_mm256_loadu_ps(p1 + full), _mm256_loadu_ps(p2 + full)))));
+    for (int64_t c = 0; c < full; c += 16) blur_lanes<Lanes<16>>(o, p1, p2, c, out);
+    if (full < Cp) blur_lanes<Lanes<8>>(o, p1, p2, full, out);
   }
+}
+
+// One register's worth of labels from c on: dst = the n rows' sum, in order (0 if n = 0), each row
+// zeroed after its read.
+template <class R>
+DSF_AVX512 __attribute__((always_inline)) inline void add_lanes(float* const* with, int n, int64_t c, float* dst) {
+  const typename R::V zero = R::set1(0.f);
+  typename R::V acc = zero;
+  for (int j = 0; j < n; ++j) {
+    acc = j == 0 ? R::load(with[j] + c) : R::add(acc, R::load(with[j] + c));
+    R::store(with[j] + c, zero);
+  }
+  R::store(dst + c, acc);
 }
 
 DSF_AVX512 void add_rows(float* __restrict parts, int64_t part_stride, const int64_t* lo, const int64_t* hi,
@@ -645,30 +679,8 @@ DSF_AVX512 void add_rows(float* __restrict parts, int64_t part_stride, const int
     int n = 0;
     for (int64_t p = 0; p < kSplatParts; ++p)
       if (v >= lo[p] && v < hi[p]) with[n++] = parts + p * part_stride + v * Cp;
-    float* dst = out + v * Cp;
-    if (n == 0) {
-      for (int64_t c = 0; c < full; c += 16) _mm512_storeu_ps(dst + c, _mm512_setzero_ps());
-      if (full < Cp) _mm256_storeu_ps(dst + full, _mm256_setzero_ps());
-      continue;
-    }
-    for (int64_t c = 0; c < full; c += 16) {
-      __m512 acc = _mm512_loadu_ps(with[0] + c);
-      _mm512_storeu_ps(with[0] + c, _mm512_setzero_ps());
-      for (int j = 1; j < n; ++j) {
-        acc = _mm512_add_ps(acc, _mm512_loadu_ps(with[j] + c));
-        _mm512_storeu_ps(with[j] + c, _mm512_setzero_ps());
-      }
-      _mm512_storeu_ps(dst + c, acc);
-    }
-    if (full < Cp) {
-      __m256 acc = _mm256_loadu_ps(with[0] + full);
-      _mm256_storeu_ps(with[0] + full, _mm256_setzero_ps());
-      for (int j = 1; j < n; ++j) {
-        acc = _mm256_add_ps(acc, _mm256_loadu_ps(with[j] + full));
-        _mm256_storeu_ps(with[j] + full, _mm256_setzero_ps());
-      }
-      _mm256_storeu_ps(dst + full, acc);
-    }
+    for (int64_t c = 0; c < full; c += 16) add_lanes<Lanes<16>>(with, n, c, out + v * Cp);
+    if (full < Cp) add_lanes<Lanes<8>>(with, n, full, out + v * Cp);
   }
 }
 
