@@ -562,6 +562,16 @@ DSF_MULTIVERSION void splat_pixels(const T* __restrict in, const T* __restrict s
   }
 }
 
+// Row v of each part whose band [lo[p], hi[p]) holds it, in part order, into with[]; returns how many.
+template <typename T>
+inline int parts_holding(T* parts, int64_t part_stride, const int64_t* lo, const int64_t* hi, int64_t Cp, int64_t v,
+                         T** with) {
+  int n = 0;
+  for (int64_t p = 0; p < kSplatParts; ++p)
+    if (v >= lo[p] && v < hi[p]) with[n++] = parts + p * part_stride + v * Cp;
+  return n;
+}
+
 // out[v] = sum of parts[p][v] for p = 0..P-1, in that order, for rows [begin, end); a part is read
 // only within its band [lo[p], hi[p]) (outside it the part is zero, and adding zeros changes no
 // bits). The parts are zeroed as they are read, ready for the next splat (no separate clearing pass).
@@ -572,10 +582,8 @@ DSF_MULTIVERSION void add_parts(T* __restrict parts, int64_t part_stride, const 
   // copy loops here became a memmove and a memset call per row and part.
   constexpr int64_t B = kBlock<T>;
   for (int64_t v = begin; v < end; ++v) {
-    T* with[kSplatParts];  // row v of each part whose band holds it, in part order
-    int n = 0;
-    for (int64_t p = 0; p < kSplatParts; ++p)
-      if (v >= lo[p] && v < hi[p]) with[n++] = parts + p * part_stride + v * Cp;
+    T* with[kSplatParts];
+    const int n = parts_holding(parts, part_stride, lo, hi, Cp, v, with);
     T* dst = out + v * Cp;
     auto sum = [&](int64_t c0, auto width) {
       constexpr int64_t W = decltype(width)::value;
@@ -675,10 +683,8 @@ DSF_AVX512 void add_rows(float* __restrict parts, int64_t part_stride, const int
                          int64_t Cp, int64_t begin, int64_t end, float* __restrict out) {
   const int64_t full = Cp / 16 * 16;
   for (int64_t v = begin; v < end; ++v) {
-    float* with[kSplatParts];  // row v of each part whose band holds it, in part order
-    int n = 0;
-    for (int64_t p = 0; p < kSplatParts; ++p)
-      if (v >= lo[p] && v < hi[p]) with[n++] = parts + p * part_stride + v * Cp;
+    float* with[kSplatParts];
+    const int n = parts_holding(parts, part_stride, lo, hi, Cp, v, with);
     for (int64_t c = 0; c < full; c += 16) add_lanes<Lanes<16>>(with, n, c, out + v * Cp);
     if (full < Cp) add_lanes<Lanes<8>>(with, n, full, out + v * Cp);
   }
@@ -783,34 +789,29 @@ struct ReduceBlur {
   int64_t rows() const { return buf->rows; }
   int64_t stages() const { return lat->D1 + 1; }
   const T* result() const { return lat->D1 % 2 ? b : a; }
-  // Stage s over rows [begin, end).
+  // Stage s over rows [begin, end): the AVX-512 rows for float rows of whole half registers, else
+  // the portable loops.
   void run(int s, int64_t begin, int64_t end) const {
-    if (s == 0) {
-#ifdef DSF_HAVE_AVX512_KERNELS
-      if constexpr (std::is_same_v<T, float>) {
-        if (buf->Cp % 8 == 0 && cpu_has_avx512()) {
-          avx512::add_rows(buf->parts.template mutable_data_ptr<T>(), buf->rows * buf->Cp, lat->part_lo,
-                           lat->part_hi, buf->Cp, begin, end, a);
-          return;
-        }
-      }
-#endif
-      add_parts<T>(buf->parts.template mutable_data_ptr<T>(), buf->rows * buf->Cp, lat->part_lo, lat->part_hi,
-                   buf->Cp, begin, end, a);
-      return;
-    }
+    T* parts = buf->parts.template mutable_data_ptr<T>();
+    const int64_t stride = buf->rows * buf->Cp;
     const int d = static_cast<int>(lat->D1 - 1), step = s - 1;
-    const int32_t* nbj = lat->nb + static_cast<int64_t>(reverse ? d - step : step) * lat->M * 2;
+    const int32_t* nbj = s == 0 ? nullptr : lat->nb + static_cast<int64_t>(reverse ? d - step : step) * lat->M * 2;
     // blur_range's vertex v is buffer row v + 1.
 #ifdef DSF_HAVE_AVX512_KERNELS
     if constexpr (std::is_same_v<T, float>) {
       if (buf->Cp % 8 == 0 && cpu_has_avx512()) {
-        avx512::blur_rows(s % 2 ? a : b, nbj, buf->Cp, begin - 1, end - 1, s % 2 ? b : a);
+        if (s == 0)
+          avx512::add_rows(parts, stride, lat->part_lo, lat->part_hi, buf->Cp, begin, end, a);
+        else
+          avx512::blur_rows(s % 2 ? a : b, nbj, buf->Cp, begin - 1, end - 1, s % 2 ? b : a);
         return;
       }
     }
 #endif
-    blur_range<T>(s % 2 ? a : b, nbj, buf->Cp, begin - 1, end - 1, s % 2 ? b : a);
+    if (s == 0)
+      add_parts<T>(parts, stride, lat->part_lo, lat->part_hi, buf->Cp, begin, end, a);
+    else
+      blur_range<T>(s % 2 ? a : b, nbj, buf->Cp, begin - 1, end - 1, s % 2 ? b : a);
   }
   int64_t first_row(int s) const { return s == 0 ? 0 : 1; }
 };
@@ -853,7 +854,8 @@ inline BlurPlan plan_blur(const LatticeView* const* lats, int64_t K, bool revers
   return plan;
 }
 
-inline int64_t blur_threads() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
+// The threads a step may use: one inside a parallel region (a batch's image on its thread), else all.
+inline int64_t free_threads() { return at::in_parallel_region() ? 1 : at::get_num_threads(); }
 
 // The sweep: every stage advances by up to 256 rows per round, as far as its lag allows.
 template <typename T>
@@ -899,7 +901,7 @@ void reduce_blur_all(const LatticeView* const* lats, VertexBuffers<T>* const* bu
     // Row 0 of both buffers is the zero "no neighbour" row (it only ever received no splats).
     std::memset(rbs[k].b, 0, bufs[k]->Cp * sizeof(T));
   }
-  const int64_t threads = blur_threads();
+  const int64_t threads = free_threads();
   std::vector<int64_t> swept, phased;
   for (int64_t k = 0; k < K; ++k) (plan[k].empty() ? phased : swept).push_back(k);
   // Phase p holds stage p of every phased lattice that has it, in blocks of 256 rows (512 for the
@@ -964,7 +966,7 @@ const T* reduce_blur(const LatticeView& L, bool reverse, VertexBuffers<T>& bufs)
   const LatticeView* lat = &L;
   VertexBuffers<T>* buf = &bufs;
   const T* out = nullptr;
-  reduce_blur_all<T>(&lat, &buf, 1, reverse, plan_blur(&lat, 1, reverse, blur_threads()), &out);
+  reduce_blur_all<T>(&lat, &buf, 1, reverse, plan_blur(&lat, 1, reverse, free_threads()), &out);
   return out;
 }
 
@@ -1551,7 +1553,7 @@ void mean_field_points(const float* lg, bool point_major, int64_t L, int64_t N, 
     lat_ptrs.push_back(&lats[k]);
     buf_ptrs.push_back(&vbufs[k]);
   }
-  const BlurPlan plan = plan_blur(lat_ptrs.data(), static_cast<int64_t>(lat_ptrs.size()), false, blur_threads());
+  const BlurPlan plan = plan_blur(lat_ptrs.data(), static_cast<int64_t>(lat_ptrs.size()), false, free_threads());
   for (int64_t it = -1; it < iterations; ++it) {
     const bool slice = it >= 0;
     if (slice) reduce_blur_all<float>(lat_ptrs.data(), buf_ptrs.data(), K, false, plan, blurred.data());
@@ -1693,7 +1695,7 @@ Tensor dense_crf_mean_field_batch_cpu(const Tensor& logits_in, at::TensorList la
     mean_field_points(lg + b * L * N, point_major, L, N, lats[b], pre_p + b * K * N, post_p + b * K * N,
                       compat.const_data_ptr<float>(), iterations, o + b * L * N);
   };
-  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  const int64_t threads = free_threads();
   const int64_t together = threads > 1 ? B / threads * threads : 0;
   parallel_blocks(together, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) image(b);
