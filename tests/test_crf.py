@@ -204,8 +204,9 @@ def test_blur_sweep_gives_the_bits_of_the_phased_blur(channels):
 
 
 def test_mean_field_sweep_and_phases_together_keep_the_bits():
-    # dense_crf's pair at two or more threads: one thread sweeps the Gaussian lattice while the others
-    # start the bilateral one's phases, and joins them when done; one thread does both in turn.
+    # dense_crf's pair at two or more threads: one thread folds the bilateral splat parts it wrote
+    # into one (the pre-fold) and sweeps the Gaussian lattice while the others start the bilateral
+    # one's phases, then joins them; one thread does both in turn.
     g = torch.Generator().manual_seed(4)
     unary = torch.randn(1, 21, 96, 128, generator=g)
     img = (torch.rand(1, 3, 96, 128, generator=g) * 255).to(torch.uint8)
