@@ -242,25 +242,28 @@ torch.save(out, "{path}")
 """
 
 
-def test_avx512_kernels_match_the_portable_code(tmp_path):
-    # DECONVSEG_DISABLE_AVX512=1 runs the portable loops on the same machine. The lattice must be the
-    # same bits (its simplex math is exact float arithmetic in a fixed order); mean field differs only
-    # by the rounding of its fused multiply-adds and exp polynomial.
+def test_simd_kernels_match_the_portable_code(tmp_path):
+    # Every path this machine has, against the portable loops: the default (AVX-512 where there is
+    # one), DECONVSEG_DISABLE_AVX512=1 (AVX2 where there is one) and both disabled (portable). The
+    # lattice must be the same bits (its simplex math is exact float arithmetic in a fixed order);
+    # mean field differs only by the rounding of its fused multiply-adds, exp polynomial and sums.
     results = []
-    for disable in ("0", "1"):
-        path = tmp_path / f"lattice{disable}.pt"
-        env = {"DECONVSEG_DISABLE_AVX512": disable, "OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"}
+    for disable in (("0", "0"), ("1", "0"), ("1", "1")):
+        path = tmp_path / f"lattice{''.join(disable)}.pt"
+        env = {"DECONVSEG_DISABLE_AVX512": disable[0], "DECONVSEG_DISABLE_AVX2": disable[1],
+               "OMP_NUM_THREADS": "2", "PATH": "/usr/bin:/bin"}
         done = subprocess.run([sys.executable, "-c", PORTABLE.format(path=path)], env=env,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr
         results.append(torch.load(path))
-    fast, portable = results
-    for key in fast:
-        if key[0] == "crf" or key == "crf compat":
-            torch.testing.assert_close(fast[key], portable[key], rtol=0, atol=1e-5)
-        else:
-            for a, b in zip(fast[key], portable[key]):
-                assert torch.equal(a, b), key
+    portable = results[-1]
+    for fast in results[:-1]:
+        for key in fast:
+            if key[0] == "crf" or key == "crf compat":
+                torch.testing.assert_close(fast[key], portable[key], rtol=0, atol=1e-5)
+            else:
+                for a, b in zip(fast[key], portable[key]):
+                    assert torch.equal(a, b), key
 
 
 def test_opcheck():

@@ -303,6 +303,171 @@ inline Simplex16Fn enclosing_simplex16_for(int d) {
 }  // namespace avx512
 #endif
 
+#ifdef DSF_HAVE_AVX512_KERNELS
+namespace avx2 {
+
+// Lanes [0, count) set (count clamped to 0..8), as an AVX2 mask.
+DSF_AVX2 inline __m256i lane_mask(int64_t count) {
+  const int c = static_cast<int>(std::min<int64_t>(std::max<int64_t>(count, 0), 8));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(c), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+// dst[c * dst_stride + r] = src[r * src_stride + c] for r < rows, c < cols (each at most 8): one 8 x 8
+// block transposed in registers, with masked loads and stores at the edges (nothing outside the
+// block is read or written).
+DSF_AVX2 inline void transpose8(const float* __restrict src, int64_t src_stride, int rows, int cols,
+                                float* __restrict dst, int64_t dst_stride) {
+  const __m256i col_mask = lane_mask(cols), row_mask = lane_mask(rows);
+  __m256 r[8], t[8];
+  // Masked stores are slow on AMD cores (microcoded): whole rows and columns take plain ones.
+  for (int i = 0; i < 8; ++i)
+    r[i] = i >= rows  ? _mm256_setzero_ps()
+           : cols == 8 ? _mm256_loadu_ps(src + i * src_stride)
+                       : _mm256_maskload_ps(src + i * src_stride, col_mask);
+  for (int k = 0; k < 4; ++k) {  // per 128-bit lane: elements 2j, 2j+1 of two rows, interleaved
+    t[2 * k] = _mm256_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm256_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+  }
+  for (int h = 0; h < 2; ++h)  // per 128-bit lane: column m of rows 4h .. 4h+3 (and column m + 4 above)
+    for (int k = 0; k < 2; ++k) {
+      r[4 * h + 2 * k] = _mm256_shuffle_ps(t[4 * h + k], t[4 * h + 2 + k], _MM_SHUFFLE(1, 0, 1, 0));
+      r[4 * h + 2 * k + 1] = _mm256_shuffle_ps(t[4 * h + k], t[4 * h + 2 + k], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+  const auto store = [&](int col, __m256 x) DSF_AVX2 {
+    if (col >= cols) return;
+    if (rows == 8)
+      _mm256_storeu_ps(dst + col * dst_stride, x);
+    else
+      _mm256_maskstore_ps(dst + col * dst_stride, row_mask, x);
+  };
+  for (int m = 0; m < 4; ++m) {  // columns m (low lanes of both halves) and m + 4 (high lanes)
+    store(m, _mm256_permute2f128_ps(r[m], r[4 + m], 0x20));
+    store(m + 4, _mm256_permute2f128_ps(r[m], r[4 + m], 0x31));
+  }
+}
+
+// a * b rounded on its own: the empty asm makes the product a value GCC must materialise, so it is
+// never fused with a following add into an FMA (AVX2 has no explicit-rounding multiply).
+DSF_AVX2 inline __m256 mul_exact(__m256 a, __m256 b) {
+  __m256 p = _mm256_mul_ps(a, b);
+  asm("" : "+x"(p));
+  return p;
+}
+
+// avx512::enclosing_simplex16 for eight points (one a lane), with the same float operations in the
+// same order (so the same bits as lattice::enclosing_simplex_fixed<D>); the comparisons give lane
+// masks, applied with blends where AVX-512 has masked operations. same[r]: bits 0..7.
+template <int D>
+DSF_AVX2 void enclosing_simplex8(const float* __restrict f, const float* __restrict scale, int32_t* __restrict key,
+                                 float* __restrict bary, const int32_t* __restrict prev, uint16_t* __restrict same) {
+  constexpr int D1 = D + 1;
+  const __m256i zero_i = _mm256_setzero_si256();
+  __m256 elevated[D1];
+  __m256 sm = _mm256_setzero_ps();
+  alignas(32) float ft[D * 8];  // [D, 8]: the features, one row per coordinate
+  transpose8(f, D, 8, D, ft, 8);
+  for (int j = D; j > 0; --j) {
+    const __m256 cf = mul_exact(_mm256_load_ps(ft + (j - 1) * 8), _mm256_set1_ps(scale[j - 1]));
+    elevated[j] = _mm256_sub_ps(sm, mul_exact(_mm256_set1_ps(static_cast<float>(j)), cf));
+    sm = _mm256_add_ps(sm, cf);
+  }
+  elevated[0] = sm;
+  const __m256 down = _mm256_set1_ps(1.0f / static_cast<float>(D1));
+  const __m256 up = _mm256_set1_ps(static_cast<float>(D1));
+  __m256i rem0[D1], rank[D1];
+  __m256i sum = zero_i;
+  for (int i = 0; i < D1; ++i) {
+    const __m256 x = mul_exact(down, elevated[i]);
+    const __m256i t = _mm256_cvttps_epi32(x);
+    const __m256 r = _mm256_sub_ps(x, _mm256_cvtepi32_ps(t));
+    // Compare masks are -1 where true: t + 1 where r >= 0.5, t - 1 where r <= -0.5.
+    const __m256i ge = _mm256_castps_si256(_mm256_cmp_ps(r, _mm256_set1_ps(0.5f), _CMP_GE_OQ));
+    const __m256i le = _mm256_castps_si256(_mm256_cmp_ps(r, _mm256_set1_ps(-0.5f), _CMP_LE_OQ));
+    const __m256i rd = _mm256_add_epi32(_mm256_sub_epi32(t, ge), le);
+    rem0[i] = _mm256_cvttps_epi32(mul_exact(_mm256_cvtepi32_ps(rd), up));
+    sum = _mm256_add_epi32(sum, rd);
+    rank[i] = zero_i;
+  }
+  __m256 residual[D1];
+  for (int i = 0; i < D1; ++i) residual[i] = _mm256_sub_ps(elevated[i], _mm256_cvtepi32_ps(rem0[i]));
+  for (int i = 0; i < D; ++i)
+    for (int j = i + 1; j < D1; ++j) {
+      const __m256i lt = _mm256_castps_si256(_mm256_cmp_ps(residual[i], residual[j], _CMP_LT_OQ));
+      rank[i] = _mm256_sub_epi32(rank[i], lt);                                      // +1 where lt
+      rank[j] = _mm256_add_epi32(rank[j], _mm256_add_epi32(lt, _mm256_set1_epi32(1)));  // +1 where not
+    }
+  const __m256i d1 = _mm256_set1_epi32(D1), dd = _mm256_set1_epi32(D);
+  for (int i = 0; i < D1; ++i) {
+    rank[i] = _mm256_add_epi32(rank[i], sum);
+    const __m256i low = _mm256_cmpgt_epi32(zero_i, rank[i]);
+    const __m256i high = _mm256_cmpgt_epi32(rank[i], dd);
+    const __m256i shift = _mm256_sub_epi32(_mm256_and_si256(low, d1), _mm256_and_si256(high, d1));
+    rank[i] = _mm256_add_epi32(rank[i], shift);
+    rem0[i] = _mm256_add_epi32(rem0[i], shift);
+  }
+  // b[d - rank[i]] += v; b[d - rank[i] + 1] -= v, in the scalar code's order of i.
+  __m256 b[D1 + 1];
+  for (int k = 0; k <= D1; ++k) b[k] = _mm256_setzero_ps();
+  for (int i = 0; i < D1; ++i) {
+    const __m256 v = mul_exact(_mm256_sub_ps(elevated[i], _mm256_cvtepi32_ps(rem0[i])), down);
+    for (int k = 0; k <= D1; ++k) {
+      const __m256 plus = _mm256_castsi256_ps(_mm256_cmpeq_epi32(rank[i], _mm256_set1_epi32(D - k)));
+      const __m256 minus = _mm256_castsi256_ps(_mm256_cmpeq_epi32(rank[i], _mm256_set1_epi32(D - k + 1)));
+      b[k] = _mm256_blendv_ps(b[k], _mm256_add_ps(b[k], v), plus);
+      b[k] = _mm256_blendv_ps(b[k], _mm256_sub_ps(b[k], v), minus);
+    }
+  }
+  b[0] = _mm256_add_ps(b[0], _mm256_add_ps(_mm256_set1_ps(1.0f), b[D1]));
+  alignas(32) int32_t kt[D1 * D * 8];  // [D1 * D, 8]: coordinate i of corner r in row r * D + i
+  alignas(32) float bt[D1 * 8];        // [D1, 8]
+  for (int r = 0; r < D1; ++r) {
+    for (int i = 0; i < D; ++i) {
+      const __m256i gt = _mm256_cmpgt_epi32(rank[i], _mm256_set1_epi32(D - r));
+      const __m256i k = _mm256_blendv_epi8(_mm256_add_epi32(rem0[i], _mm256_set1_epi32(r)),
+                                           _mm256_add_epi32(rem0[i], _mm256_set1_epi32(r - D1)), gt);
+      _mm256_store_si256(reinterpret_cast<__m256i*>(kt + (r * D + i) * 8), k);
+    }
+    _mm256_store_ps(bt + r * 8, b[r]);
+  }
+  // Which corners repeat the previous point's (lane p against lane p - 1, lane 0 against prev).
+  const __m256i up_one = _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6);
+  for (int r = 0; r < D1; ++r) {
+    __m256i eq = _mm256_set1_epi32(-1);
+    for (int i = 0; i < D; ++i) {
+      const __m256i cur = _mm256_load_si256(reinterpret_cast<const __m256i*>(kt + (r * D + i) * 8));
+      const __m256i before =
+          _mm256_blend_epi32(_mm256_permutevar8x32_epi32(cur, up_one), _mm256_set1_epi32(prev[r * D + i]), 0x01);
+      eq = _mm256_and_si256(eq, _mm256_cmpeq_epi32(cur, before));
+    }
+    same[r] = static_cast<uint16_t>(_mm256_movemask_ps(_mm256_castsi256_ps(eq)));
+  }
+  // The keys move as float bit patterns: loads, shuffles and stores never change bits.
+  for (int j0 = 0; j0 < D1 * D; j0 += 8)
+    transpose8(reinterpret_cast<const float*>(kt + j0 * 8), 8, std::min(8, D1 * D - j0), 8,
+               reinterpret_cast<float*>(key + j0), D1 * D);
+  transpose8(bt, 8, D1, 8, bary, D1);
+}
+
+// Sixteen points as two runs of eight: the interface of avx512::enclosing_simplex16.
+template <int D>
+DSF_AVX2 void enclosing_simplex16(const float* __restrict f, const float* __restrict scale, int32_t* __restrict key,
+                                  float* __restrict bary, const int32_t* __restrict prev, uint16_t* __restrict same) {
+  constexpr int D1 = D + 1;
+  uint16_t hi[D1];
+  enclosing_simplex8<D>(f, scale, key, bary, prev, same);
+  enclosing_simplex8<D>(f + 8 * D, scale, key + 8 * D1 * D, bary + 8 * D1, key + 7 * D1 * D, hi);
+  for (int r = 0; r < D1; ++r) same[r] = static_cast<uint16_t>(same[r] | hi[r] << 8);
+}
+
+// The sixteen-point simplex for d = 2, 3 or 5 with AVX2, or null.
+inline avx512::Simplex16Fn enclosing_simplex16_for(int d) {
+  if (!cpu_has_avx2()) return nullptr;
+  return d == 2 ? &enclosing_simplex16<2> : d == 3 ? &enclosing_simplex16<3> : d == 5 ? &enclosing_simplex16<5> : nullptr;
+}
+
+}  // namespace avx2
+#endif
+
 // The lattice of N points of D features (D > 0 fixed at compile time, D = 0 any d).
 template <int D>
 std::tuple<Tensor, Tensor, Tensor> build_lattice(const Tensor& features, int d_runtime) {
@@ -338,7 +503,8 @@ std::tuple<Tensor, Tensor, Tensor> build_lattice(const Tensor& features, int d_r
   int32_t* off = offsets.mutable_data_ptr<int32_t>();
   std::vector<std::vector<int32_t>> chunk_keys(kChunks);  // each chunk's distinct keys, local order
 #ifdef DSF_HAVE_AVX512_KERNELS
-  const avx512::Simplex16Fn simplex16 = avx512::enclosing_simplex16_for(d);
+  avx512::Simplex16Fn simplex16 = avx512::enclosing_simplex16_for(d);
+  if (!simplex16) simplex16 = avx2::enclosing_simplex16_for(d);
 #else
   const void* simplex16 = nullptr;
 #endif
@@ -356,7 +522,7 @@ std::tuple<Tensor, Tensor, Tensor> build_lattice(const Tensor& features, int d_r
         const int64_t n = std::min(kGroup, end - g);
         // Neighbouring pixels often share simplex corners, and a shared corner has the same
         // remainder r, so it sits at the same position among the previous pixel's corners:
-        // check that first, before hashing. The 16-point kernel makes that check itself.
+        // check that first, before hashing. The 16-point kernels make that check themselves.
 #ifdef DSF_HAVE_AVX512_KERNELS
         if (simplex16 && n == kGroup) {
           uint16_t same[lattice::kMaxDim + 1];
@@ -1234,6 +1400,30 @@ DSF_MULTIVERSION void mean_field_update(const std::vector<LatticeView>& lats, co
 }
 
 #ifdef DSF_HAVE_AVX512_KERNELS
+// One kernel's share of a block of the mean-field iteration.
+struct MeanFieldKernel {
+  const int32_t* off = nullptr;     // [N, D1] simplex corners
+  const float* w = nullptr;         // [N, D1] barycentric weights
+  int64_t D1 = 0;
+  const float* blurred = nullptr;   // [M+1, Lp] this iteration's blurred buffer, or null: no message
+  const float* post = nullptr;      // [N] normalisation after slicing
+  const float* pre = nullptr;       // [N] normalisation before splatting
+  float alpha = 0.f;                // the lattice's slice constant
+  const float* diag = nullptr;      // [Lp] the compat's diagonal, or null if it is not diagonal
+  const float* compat_t = nullptr;  // [Lp, Lp] the compat transposed: row m is its column m
+  float* parts = nullptr;           // [M+1, Lp] this part's splat buffer, or null for no splat
+};
+
+// Prefetch p[0, count) into the nearest cache only (non-temporal), line by line.
+template <typename T>
+inline void prefetch_nta(const T* p, int64_t count) {
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t b = 0; b < count * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(c + b, _MM_HINT_NTA);
+}
+
+using MeanFieldBlockFn = void (*)(const MeanFieldKernel*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t,
+                                  float*, bool);
+
 namespace avx512 {
 
 // exp_approx's range reduction and polynomial on sixteen (or, for a half register, eight) lanes, for
@@ -1257,20 +1447,6 @@ DSF_AVX512 inline __m256 exp_nonpositive_ps(__m256 x) {
   for (int j = 1; j < kExp2Degree + 1; ++j) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly[j]));
   return _mm256_scalef_ps(p, n);
 }
-
-// One kernel's share of a block of the mean-field iteration.
-struct MeanFieldKernel {
-  const int32_t* off = nullptr;     // [N, D1] simplex corners
-  const float* w = nullptr;         // [N, D1] barycentric weights
-  int64_t D1 = 0;
-  const float* blurred = nullptr;   // [M+1, Lp] this iteration's blurred buffer, or null: no message
-  const float* post = nullptr;      // [N] normalisation after slicing
-  const float* pre = nullptr;       // [N] normalisation before splatting
-  float alpha = 0.f;                // the lattice's slice constant
-  const float* diag = nullptr;      // [Lp] the compat's diagonal, or null if it is not diagonal
-  const float* compat_t = nullptr;  // [Lp, Lp] the compat transposed: row m is its column m
-  float* parts = nullptr;           // [M+1, Lp] this part's splat buffer, or null for no splat
-};
 
 // One kernel's message subtracted from the logits (t, th) of pixel i: slice its blurred buffer at
 // the pixel's D1 corners, scale by alpha * post, apply the compatibility. D > 0 fixes the number of
@@ -1334,13 +1510,6 @@ DSF_AVX512 __attribute__((always_inline)) inline void splat_q(const MeanFieldKer
     if constexpr (TAIL)
       _mm256_storeu_ps(row + T0, _mm256_fmadd_ps(_mm512_castps512_ps256(wr), svh, _mm256_loadu_ps(row + T0)));
   }
-}
-
-// Prefetch p[0, count) into the nearest cache only (non-temporal), line by line.
-template <typename T>
-inline void prefetch_nta(const T* p, int64_t count) {
-  const char* c = reinterpret_cast<const char*>(p);
-  for (int64_t b = 0; b < count * static_cast<int64_t>(sizeof(T)); b += 64) _mm_prefetch(c + b, _MM_HINT_NTA);
 }
 
 // The sixteen horizontal reductions of rows[0..15] (each 16 floats) at once: lane p of the result
@@ -1499,9 +1668,6 @@ DSF_AVX512 void mean_field_block(const MeanFieldKernel* ks, int64_t K, const flo
   }
 }
 
-using MeanFieldBlockFn = void (*)(const MeanFieldKernel*, int64_t, const float*, int64_t, int64_t, int64_t, int64_t,
-                                  float*, bool);
-
 template <int DA, int DB>
 MeanFieldBlockFn mean_field_block_width(int64_t Lp) {
   switch (Lp) {
@@ -1530,6 +1696,206 @@ inline MeanFieldBlockFn mean_field_block_for(int64_t Lp, const std::vector<int64
 }  // namespace avx512
 #endif
 
+#ifdef DSF_HAVE_AVX512_KERNELS
+namespace avx2 {
+
+// The AVX2 form of avx512::mean_field_block, for machines without AVX-512: eight labels a register
+// (Lp = 8 NV, up to 64), tiles of eight pixels, the same three steps (see there). Its sums run in
+// another order than the AVX-512 kernel's (eight lanes, not sixteen) and its exp clamps as
+// exp_approx does, so Q agrees with the other paths to rounding, not to the bit; it is deterministic
+// and independent of the thread count like them.
+
+// exp_approx on eight lanes, in the same steps (the polynomial with fused multiply-adds).
+DSF_AVX2 inline __m256 exp_ps(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 y = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
+  const __m256 n = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(y, n);
+  __m256 p = _mm256_set1_ps(kExp2Poly[0]);
+  for (int j = 1; j < kExp2Degree + 1; ++j) p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(kExp2Poly[j]));
+  const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+}
+
+// The eight horizontal reductions of rows[0..7] (each 8 floats) at once: lane p of the result is the
+// max (kMax) or the sum of rows[p]'s lanes, pairing lane j with j + 4, then j + 2, then j + 1.
+template <bool kMax>
+DSF_AVX2 __attribute__((always_inline)) inline __m256 reduce8_rows(const float* rows) {
+  const auto op = [](__m256 a, __m256 b) DSF_AVX2 { return kMax ? _mm256_max_ps(a, b) : _mm256_add_ps(a, b); };
+  __m256 z[4], w[2];
+  for (int k = 0; k < 4; ++k) {  // j with j + 4: row 2k in the low half, row 2k + 1 in the high half
+    const __m256 a = _mm256_load_ps(rows + 16 * k), b = _mm256_load_ps(rows + 16 * k + 8);
+    z[k] = op(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+  }
+  for (int k = 0; k < 2; ++k)  // j with j + 2: per half, two lanes of each of two rows
+    w[k] = op(_mm256_shuffle_ps(z[2 * k], z[2 * k + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+              _mm256_shuffle_ps(z[2 * k], z[2 * k + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // j with j + 1: lanes now hold rows 0, 2, 4, 6 (low half) and 1, 3, 5, 7 (high half).
+  const __m256 r = op(_mm256_shuffle_ps(w[0], w[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                      _mm256_shuffle_ps(w[0], w[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm256_permutevar8x32_ps(r, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+// One kernel's message subtracted from pixel i's logits t (NV registers); D > 0 fixes the corners.
+template <int NV, int D>
+DSF_AVX2 __attribute__((always_inline)) inline void subtract_message(const MeanFieldKernel& kk, int64_t i, int64_t L,
+                                                                     __m256* t, float* f) {
+  constexpr int64_t Lp = 8 * NV;
+  const int64_t D1 = D > 0 ? D : kk.D1;
+  const int32_t* o = kk.off + i * D1;
+  const float* wt = kk.w + i * D1;
+  __m256 acc[NV];
+  for (int v = 0; v < NV; ++v) acc[v] = _mm256_setzero_ps();
+#pragma GCC unroll 8
+  for (int64_t r = 0; r < D1; ++r) {
+    const float* row = kk.blurred + (static_cast<int64_t>(o[r]) + 1) * Lp;
+    const __m256 wr = _mm256_set1_ps(wt[r]);
+    for (int v = 0; v < NV; ++v) acc[v] = _mm256_fmadd_ps(wr, _mm256_loadu_ps(row + 8 * v), acc[v]);
+  }
+  const __m256 s = _mm256_set1_ps(kk.alpha * kk.post[i]);
+  if (kk.diag) {
+    for (int v = 0; v < NV; ++v)
+      t[v] = _mm256_fnmadd_ps(_mm256_loadu_ps(kk.diag + 8 * v), _mm256_mul_ps(acc[v], s), t[v]);
+  } else {
+    for (int v = 0; v < NV; ++v) _mm256_store_ps(f + 8 * v, _mm256_mul_ps(acc[v], s));
+    for (int64_t m = 0; m < L; ++m) {
+      const __m256 fm = _mm256_set1_ps(f[m]);
+      const float* col = kk.compat_t + m * Lp;
+      for (int v = 0; v < NV; ++v) t[v] = _mm256_fnmadd_ps(fm, _mm256_loadu_ps(col + 8 * v), t[v]);
+    }
+  }
+}
+
+// Splat pixel i's Q (e) times pre into one kernel's part buffer at its corners (D as above).
+template <int NV, int D>
+DSF_AVX2 __attribute__((always_inline)) inline void splat_q(const MeanFieldKernel& kk, int64_t i, const __m256* e) {
+  constexpr int64_t Lp = 8 * NV;
+  const int64_t D1 = D > 0 ? D : kk.D1;
+  const int32_t* o = kk.off + i * D1;
+  const float* wt = kk.w + i * D1;
+  const __m256 s = _mm256_set1_ps(kk.pre[i]);
+  __m256 sv[NV];
+  for (int v = 0; v < NV; ++v) sv[v] = _mm256_mul_ps(s, e[v]);
+#pragma GCC unroll 8
+  for (int64_t r = 0; r < D1; ++r) {
+    float* row = kk.parts + (static_cast<int64_t>(o[r]) + 1) * Lp;
+    const __m256 wr = _mm256_set1_ps(wt[r]);
+    for (int v = 0; v < NV; ++v)
+      _mm256_storeu_ps(row + 8 * v, _mm256_fmadd_ps(wr, sv[v], _mm256_loadu_ps(row + 8 * v)));
+  }
+}
+
+// avx512::mean_field_block with eight-lane registers (same arguments; DA, DB as there).
+template <int NV, int DA, int DB>
+DSF_AVX2 void mean_field_block(const MeanFieldKernel* ks, int64_t K, const float* __restrict logits, int64_t L,
+                               int64_t N, int64_t begin, int64_t end, float* __restrict out, bool out_rows) {
+  constexpr bool kTwo = DA > 0 && DB > 0;
+  constexpr int64_t Lp = 8 * NV;
+  const MeanFieldKernel ka = ks[0], kb = kTwo ? ks[1] : ks[0];
+  __m256i live[NV];
+  for (int v = 0; v < NV; ++v) live[v] = lane_mask(L - 8 * v);
+  alignas(32) float f[Lp];
+  alignas(32) float tile[8 * Lp];   // [8 pixels, Lp]: logits less messages, then exps, then Q
+  alignas(32) float lanes[8 * 8];   // [8 pixels, 8 lanes]: lane-wise maxima, then sums
+  alignas(32) float top[8], inv[8];  // per pixel: the max, 1 / the sum
+  const __m256 lowest = _mm256_set1_ps(-1e30f);  // padding: never the max
+  for (int64_t i0 = begin; i0 < end; i0 += 8) {
+    const int n = static_cast<int>(std::min<int64_t>(8, end - i0));
+    if (i0 + 24 <= end) {  // the tile after next's streams, as in the AVX-512 kernel
+      prefetch_nta(logits + (i0 + 16) * L, 8 * L);
+      for (int64_t k = 0; k < K; ++k) {
+        prefetch_nta(ks[k].off + (i0 + 16) * ks[k].D1, 8 * ks[k].D1);
+        prefetch_nta(ks[k].w + (i0 + 16) * ks[k].D1, 8 * ks[k].D1);
+      }
+    }
+    // 1. Logits less messages, and each pixel's lane-wise max.
+    for (int p = 0; p < n; ++p) {
+      const int64_t i = i0 + p;
+      __m256 t[NV];
+      for (int v = 0; v < NV; ++v)
+        t[v] = _mm256_blendv_ps(lowest, _mm256_maskload_ps(logits + i * L + 8 * v, live[v]),
+                                _mm256_castsi256_ps(live[v]));
+      if constexpr (kTwo) {
+        if (ka.blurred) subtract_message<NV, DA>(ka, i, L, t, f);
+        if (kb.blurred) subtract_message<NV, DB>(kb, i, L, t, f);
+      } else {
+        for (int64_t k = 0; k < K; ++k)
+          if (ks[k].blurred) subtract_message<NV, 0>(ks[k], i, L, t, f);
+      }
+      __m256 mx = t[0];
+      for (int v = 1; v < NV; ++v) mx = _mm256_max_ps(mx, t[v]);
+      for (int v = 0; v < NV; ++v) _mm256_store_ps(tile + p * Lp + 8 * v, t[v]);
+      _mm256_store_ps(lanes + 8 * p, mx);
+    }
+    for (int p = n; p < 8; ++p) _mm256_store_ps(lanes + 8 * p, lowest);  // rows past the end
+    _mm256_store_ps(top, reduce8_rows<true>(lanes));
+    // 2. Exps (padding labels set to 0: the clamp leaves them a tiny positive), lane-wise sums.
+    for (int p = 0; p < n; ++p) {
+      float* row = tile + p * Lp;
+      const __m256 tp = _mm256_set1_ps(top[p]);
+      __m256 sum = _mm256_setzero_ps();
+      for (int v = 0; v < NV; ++v) {
+        const __m256 e = _mm256_and_ps(exp_ps(_mm256_sub_ps(_mm256_load_ps(row + 8 * v), tp)),
+                                       _mm256_castsi256_ps(live[v]));
+        _mm256_store_ps(row + 8 * v, e);
+        sum = _mm256_add_ps(sum, e);
+      }
+      _mm256_store_ps(lanes + 8 * p, sum);
+    }
+    for (int p = n; p < 8; ++p) _mm256_store_ps(lanes + 8 * p, _mm256_set1_ps(1.0f));
+    _mm256_store_ps(inv, _mm256_div_ps(_mm256_set1_ps(1.0f), reduce8_rows<false>(lanes)));
+    // 3. Q: splatted for the next iteration, kept in the tile for the output on the last pass.
+    for (int p = 0; p < n; ++p) {
+      const int64_t i = i0 + p;
+      float* row = tile + p * Lp;
+      const __m256 s = _mm256_set1_ps(inv[p]);
+      __m256 e[NV];
+      for (int v = 0; v < NV; ++v) e[v] = _mm256_mul_ps(_mm256_load_ps(row + 8 * v), s);
+      if (out)
+        for (int v = 0; v < NV; ++v) _mm256_store_ps(row + 8 * v, e[v]);
+      if constexpr (kTwo) {
+        if (ka.parts) splat_q<NV, DA>(ka, i, e);
+        if (kb.parts) splat_q<NV, DB>(kb, i, e);
+      } else {
+        for (int64_t k = 0; k < K; ++k)
+          if (ks[k].parts) splat_q<NV, 0>(ks[k], i, e);
+      }
+    }
+    if (out && out_rows) {
+      for (int p = 0; p < n; ++p) std::memcpy(out + (i0 + p) * L, tile + p * Lp, L * sizeof(float));
+    } else if (out) {
+      for (int64_t c0 = 0; c0 < L; c0 += 8)
+        transpose8(tile + c0, Lp, n, static_cast<int>(std::min<int64_t>(8, L - c0)), out + c0 * N + i0, N);
+    }
+  }
+}
+
+template <int DA, int DB>
+MeanFieldBlockFn mean_field_block_width(int64_t Lp) {
+  switch (Lp) {
+    case 8: return &mean_field_block<1, DA, DB>;
+    case 16: return &mean_field_block<2, DA, DB>;
+    case 24: return &mean_field_block<3, DA, DB>;
+    case 32: return &mean_field_block<4, DA, DB>;
+    case 40: return &mean_field_block<5, DA, DB>;
+    case 48: return &mean_field_block<6, DA, DB>;
+    case 56: return &mean_field_block<7, DA, DB>;
+    case 64: return &mean_field_block<8, DA, DB>;
+    default: return nullptr;
+  }
+}
+
+// As avx512::mean_field_block_for, when the machine has AVX2 (and FMA).
+inline MeanFieldBlockFn mean_field_block_for(int64_t Lp, const std::vector<int64_t>& D1s) {
+  if (!cpu_has_avx2()) return nullptr;
+  if (D1s.size() == 2 && D1s[0] == 3 && D1s[1] == 6) return mean_field_block_width<3, 6>(Lp);
+  if (D1s.size() == 2 && D1s[0] == 4 && D1s[1] == 7) return mean_field_block_width<4, 7>(Lp);
+  return mean_field_block_width<0, 0>(Lp);
+}
+
+}  // namespace avx2
+#endif
+
 // Whether every float of x[0, n) is finite: NaN's and Inf's exponent bits are all ones, and only
 // those carry into bit 31 when one more is added to the exponent field (integer ops: they vectorise).
 DSF_MULTIVERSION bool all_finite(const float* __restrict x, int64_t n) {
@@ -1553,12 +1919,14 @@ void mean_field_points(const float* lg, bool point_major, int64_t L, int64_t N, 
                        const float* pre_p, const float* post_p, const float* cp, int64_t iterations, float* o) {
   const int64_t K = static_cast<int64_t>(lats.size());
 #ifdef DSF_HAVE_AVX512_KERNELS
-  // Labels held in registers through the whole update when they fit in up to four vectors; the
-  // label axis is then padded to half registers (8 floats).
+  // Labels held in registers through the whole update when they fit in up to four AVX-512 vectors
+  // (eight AVX2 ones); the label axis is then padded to 8 floats.
   std::vector<int64_t> corners;
   for (const LatticeView& lat : lats) corners.push_back(lat.D1);
-  const avx512::MeanFieldBlockFn fast_block =
-      avx512::mean_field_block_for((L + kBlock<float> - 1) / kBlock<float> * kBlock<float>, corners);
+  const int64_t L8 = (L + kBlock<float> - 1) / kBlock<float> * kBlock<float>;
+  const bool wide = cpu_has_avx512();
+  const MeanFieldBlockFn fast_block =
+      wide ? avx512::mean_field_block_for(L8, corners) : avx2::mean_field_block_for(L8, corners);
 #else
   const bool fast_block = false;
 #endif
@@ -1597,7 +1965,7 @@ void mean_field_points(const float* lg, bool point_major, int64_t L, int64_t N, 
   } else {
     float* rows = lp.mutable_data_ptr<float>();
     // Label-major logits are transposed in blocks of 64 points, so each label's read is a contiguous
-    // run and the written rows stay in L1; with AVX-512, in 16 x 16 blocks in registers.
+    // run and the written rows stay in L1; with AVX-512 (AVX2), in 16 x 16 (8 x 8) blocks in registers.
     at::parallel_for(0, (N + 63) / 64, 16, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t i0 = b * 64, i1 = std::min(N, i0 + 64);
@@ -1606,11 +1974,16 @@ void mean_field_points(const float* lg, bool point_major, int64_t L, int64_t N, 
             for (int64_t c = 0; c < ls; ++c) rows[i * ls + c] = c < L ? lg[i * L + c] : -1e30f;
         } else {
 #ifdef DSF_HAVE_AVX512_KERNELS
-          if (fast_block) {  // unpadded rows (ls = L)
+          if (fast_block && wide) {  // unpadded rows (ls = L)
             for (int64_t j0 = i0; j0 < i1; j0 += 16)
               for (int64_t c0 = 0; c0 < L; c0 += 16)
                 avx512::transpose16(lg + c0 * N + j0, N, static_cast<int>(std::min<int64_t>(16, L - c0)),
                                     static_cast<int>(std::min<int64_t>(16, i1 - j0)), rows + j0 * ls + c0, ls);
+          } else if (fast_block) {
+            for (int64_t j0 = i0; j0 < i1; j0 += 8)
+              for (int64_t c0 = 0; c0 < L; c0 += 8)
+                avx2::transpose8(lg + c0 * N + j0, N, static_cast<int>(std::min<int64_t>(8, L - c0)),
+                                 static_cast<int>(std::min<int64_t>(8, i1 - j0)), rows + j0 * ls + c0, ls);
           } else
 #endif
           {
@@ -1627,11 +2000,11 @@ void mean_field_points(const float* lg, bool point_major, int64_t L, int64_t N, 
   for (int64_t k = 0; k < K && iterations > 0; ++k) vbufs.emplace_back(lats[k], Lp, at::kFloat);
 #ifdef DSF_HAVE_AVX512_KERNELS
   std::vector<float> ctrans(K * Lp * Lp, 0.f);  // [K, Lp, Lp] each compat transposed
-  std::vector<avx512::MeanFieldKernel> fast_kernels(K);
+  std::vector<MeanFieldKernel> fast_kernels(K);
   for (int64_t k = 0; k < K; ++k) {
     for (int64_t l = 0; l < L; ++l)
       for (int64_t m = 0; m < L; ++m) ctrans[(k * Lp + m) * Lp + l] = cpad[(k * Lp + l) * Lp + m];
-    avx512::MeanFieldKernel& kk = fast_kernels[k];
+    MeanFieldKernel& kk = fast_kernels[k];
     kk.off = lats[k].off;
     kk.w = lats[k].w;
     kk.D1 = lats[k].D1;
@@ -1665,7 +2038,7 @@ void mean_field_points(const float* lg, bool point_major, int64_t L, int64_t N, 
       for (int64_t p = p0; p < p1; ++p) {
 #ifdef DSF_HAVE_AVX512_KERNELS
         if (fast_block) {
-          std::vector<avx512::MeanFieldKernel> ks(K);
+          std::vector<MeanFieldKernel> ks(K);
           for (int64_t k = 0; k < K; ++k) {
             ks[k] = fast_kernels[k];
             ks[k].blurred = blurred[k];
