@@ -1705,9 +1705,10 @@ namespace avx2 {
 // exp_approx does, so Q agrees with the other paths to rounding, not to the bit; it is deterministic
 // and independent of the thread count like them.
 
-// exp_approx on eight lanes, in the same steps (the polynomial with fused multiply-adds).
-DSF_AVX2 inline __m256 exp_ps(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+// exp_approx on eight lanes for x <= 0 (the softmax's arguments), in the same steps (the polynomial
+// with fused multiply-adds).
+DSF_AVX2 inline __m256 exp_nonpositive_ps(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
   const __m256 y = _mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f));
   const __m256 n = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m256 f = _mm256_sub_ps(y, n);
@@ -1792,8 +1793,7 @@ DSF_AVX2 void mean_field_block(const MeanFieldKernel* ks, int64_t K, const float
   constexpr bool kTwo = DA > 0 && DB > 0;
   constexpr int64_t Lp = 8 * NV;
   const MeanFieldKernel ka = ks[0], kb = kTwo ? ks[1] : ks[0];
-  __m256i live[NV];
-  for (int v = 0; v < NV; ++v) live[v] = lane_mask(L - 8 * v);
+  const __m256i live = lane_mask(L - 8 * (NV - 1));  // the last register's labels
   alignas(32) float f[Lp];
   alignas(32) float tile[8 * Lp];   // [8 pixels, Lp]: logits less messages, then exps, then Q
   alignas(32) float lanes[8 * 8];   // [8 pixels, 8 lanes]: lane-wise maxima, then sums
@@ -1812,9 +1812,10 @@ DSF_AVX2 void mean_field_block(const MeanFieldKernel* ks, int64_t K, const float
     for (int p = 0; p < n; ++p) {
       const int64_t i = i0 + p;
       __m256 t[NV];
-      for (int v = 0; v < NV; ++v)
-        t[v] = _mm256_blendv_ps(lowest, _mm256_maskload_ps(logits + i * L + 8 * v, live[v]),
-                                _mm256_castsi256_ps(live[v]));
+      // Lp rounds L up to 8, so only the last register can be partial.
+      for (int v = 0; v + 1 < NV; ++v) t[v] = _mm256_loadu_ps(logits + i * L + 8 * v);
+      t[NV - 1] = _mm256_blendv_ps(lowest, _mm256_maskload_ps(logits + i * L + 8 * (NV - 1), live),
+                                   _mm256_castsi256_ps(live));
       if constexpr (kTwo) {
         if (ka.blurred) subtract_message<NV, DA>(ka, i, L, t, f);
         if (kb.blurred) subtract_message<NV, DB>(kb, i, L, t, f);
@@ -1835,8 +1836,8 @@ DSF_AVX2 void mean_field_block(const MeanFieldKernel* ks, int64_t K, const float
       const __m256 tp = _mm256_set1_ps(top[p]);
       __m256 sum = _mm256_setzero_ps();
       for (int v = 0; v < NV; ++v) {
-        const __m256 e = _mm256_and_ps(exp_ps(_mm256_sub_ps(_mm256_load_ps(row + 8 * v), tp)),
-                                       _mm256_castsi256_ps(live[v]));
+        __m256 e = exp_nonpositive_ps(_mm256_sub_ps(_mm256_load_ps(row + 8 * v), tp));
+        if (v + 1 == NV) e = _mm256_and_ps(e, _mm256_castsi256_ps(live));
         _mm256_store_ps(row + 8 * v, e);
         sum = _mm256_add_ps(sum, e);
       }
