@@ -213,6 +213,31 @@ def test_out_of_range_switches_raise(k, s, p, layout):
             ops.max_unpool2d_backward(x.contiguous(), j, list(v.shape[-2:]), [k, k], [s, s], [p, p], [1, 1], "window")
 
 
+@pytest.mark.parametrize("col", [3, 17, 21])  # in the first or second vector step, or the tail past them
+def test_2x2_row_kernels_fall_back_per_element(col):
+    # 2x2 rows of 22 pooled columns take the SIMD row kernels (steps of 16 or 8, then a tail). A
+    # flat switch that leaves its window is legal (unpool writes there, unpool backward gathers
+    # there); a window code that is not a tap raises; either way at any column.
+    x = make_input((1, 2, 6, 44), specials=False)
+    v, i = F.max_pool2d(x, 2, return_indices=True)
+    go = torch.randn(1, 2, 6, 44)
+    j = i.clone()
+    j[0, 1, 2, col] = 5  # row 0: outside every window of pooled row 2
+    same(F.max_unpool2d(v, j, 2), torch_unpool(v, j, (6, 44)))
+    got = ops.max_unpool2d_backward(go, j, [3, 22], [2, 2], [2, 2], [0, 0], [1, 1], "flat")
+    same(got, go.flatten(2).gather(2, j.flatten(2)).view(1, 2, 3, 22))
+    for fmt in ("window", "packed"):
+        _, w = F.max_pool2d(x, 2, return_indices=True, index_format=fmt)
+        expect = go.flatten(2).gather(2, i.flatten(2)).view(1, 2, 3, 22)
+        same(ops.max_unpool2d_backward(go, w, [3, 22], [2, 2], [2, 2], [0, 0], [1, 1], fmt), expect)
+    _, w = F.max_pool2d(x, 2, return_indices=True, index_format="window")
+    w[0, 1, 2, col] = 4
+    with pytest.raises(RuntimeError, match="indices"):
+        ops.max_unpool2d_backward(go, w, [3, 22], [2, 2], [2, 2], [0, 0], [1, 1], "window")
+    with pytest.raises(RuntimeError, match="indices"):
+        F.max_unpool2d(v, w, 2, index_format="window")
+
+
 def test_packed_switch_outside_smaller_output_raises():
     # output_size one row short of the default: the last window's lower taps leave the plane.
     v, sw = F.max_pool2d(torch.arange(64.0).view(1, 1, 8, 8), 2, return_indices=True, index_format="packed")
@@ -404,16 +429,19 @@ print("ok")
 """
 
 
-@pytest.mark.parametrize("cache_mb,no_avx512", [("1024", "0"), ("0", "0"), ("1024", "1")])
-def test_reused_output_buffers_are_overwritten(cache_mb, no_avx512):
+@pytest.mark.parametrize("cache_mb,no_avx512,no_avx2", [("1024", "0", "0"), ("0", "0", "0"), ("1024", "1", "0"),
+                                                         ("1024", "1", "1")])
+def test_reused_output_buffers_are_overwritten(cache_mb, no_avx512, no_avx2):
     # Outputs of 2 MB and more come from a cache of freed buffers (csrc/cpu/huge_pages.h); the
     # size limit is read once per process, hence a subprocess per setting. These 2x2 shapes take the
-    # AVX-512 row kernels where the CPU has them; DECONVSEG_DISABLE_AVX512=1 checks the portable
-    # loops that run everywhere else, on the same machine.
+    # AVX-512 row kernels where the CPU has them; DECONVSEG_DISABLE_AVX512=1 checks the AVX2 ones
+    # (where the CPU has those), and with DECONVSEG_DISABLE_AVX2=1 too the portable loops that run
+    # everywhere else, on the same machine.
     import os
     import subprocess
     import sys
 
-    env = dict(os.environ, DECONVSEG_CPU_CACHE_MB=cache_mb, DECONVSEG_DISABLE_AVX512=no_avx512)
+    env = dict(os.environ, DECONVSEG_CPU_CACHE_MB=cache_mb, DECONVSEG_DISABLE_AVX512=no_avx512,
+               DECONVSEG_DISABLE_AVX2=no_avx2)
     done = subprocess.run([sys.executable, "-c", CACHE_CHECK], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr

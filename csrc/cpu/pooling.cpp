@@ -115,7 +115,8 @@ struct TapTable {
 // AVX-512 row kernels for the case that dominates SegNet and DeconvNet: float32, NCHW, 2x2 windows,
 // stride 2, no padding. Sixteen pooled columns per step; the two input rows are de-interleaved into
 // the four taps with permutes. Picked at run time, so the library still runs on CPUs without
-// AVX-512 (the portable loops above take over).
+// AVX-512: AVX2 forms of the unpool and backward rows follow (about four times the portable loops'
+// speed on window and packed switches), and the portable loops below take over elsewhere.
 // ---------------------------------------------------------------------------------------------
 #ifdef DSF_HAVE_AVX512_KERNELS
 namespace avx512 {
@@ -264,6 +265,98 @@ DSF_AVX512 bool gather_row(const float* g0, const float* g1, SwitchFormat fmt, c
 }
 
 }  // namespace avx512
+
+// ---------------------------------------------------------------------------------------------
+// The AVX2 forms of tap_masks and gather_row, for CPUs without AVX-512: eight pooled columns a
+// step, lane masks instead of mask registers; the columns past the last multiple of eight go to the
+// portable loop.
+// ---------------------------------------------------------------------------------------------
+namespace avx2 {
+
+// k[c]: all ones in the lanes (of eight pooled columns from ow) whose switch is tap c.
+DSF_AVX2 inline void tap_masks(SwitchFormat fmt, const void* sw, int64_t ow, int64_t base, int64_t W, __m256i k[4]) {
+  if (fmt == SwitchFormat::Flat) {
+    const int64_t* idx = static_cast<const int64_t*>(sw) + ow;
+    const int64_t want[4] = {0, 1, W, W + 1};
+    __m256i rel[2];
+    for (int half = 0; half < 2; ++half)  // index less the window's first tap, columns 4 half ..
+      rel[half] = _mm256_sub_epi64(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + 4 * half)),
+                                   _mm256_add_epi64(_mm256_set1_epi64x(base + 2 * (ow + 4 * half)),
+                                                    _mm256_setr_epi64x(0, 2, 4, 6)));
+    for (int c = 0; c < 4; ++c) {
+      const __m256i w = _mm256_set1_epi64x(want[c]);
+      // Two 64-bit masks to one of eight 32-bit lanes: the low halves of each, in order.
+      const __m256i m = _mm256_castps_si256(_mm256_shuffle_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi64(rel[0], w)),
+                                                              _mm256_castsi256_ps(_mm256_cmpeq_epi64(rel[1], w)),
+                                                              _MM_SHUFFLE(2, 0, 2, 0)));
+      k[c] = _mm256_permute4x64_epi64(m, _MM_SHUFFLE(3, 1, 2, 0));
+    }
+    return;
+  }
+  __m256i codes;
+  if (fmt == SwitchFormat::Window) {
+    codes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint8_t*>(sw) + ow)));
+  } else {  // two bytes of four codes each (bits 2t of byte q: column 4q + t)
+    uint16_t two;
+    std::memcpy(&two, static_cast<const uint8_t*>(sw) + ow / 4, sizeof(two));
+    const __m256i spread = _mm256_setr_epi32(two & 0xFF, two & 0xFF, two & 0xFF, two & 0xFF, two >> 8, two >> 8,
+                                             two >> 8, two >> 8);
+    codes = _mm256_and_si256(_mm256_srlv_epi32(spread, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6)),
+                             _mm256_set1_epi32(3));
+  }
+  for (int c = 0; c < 4; ++c) k[c] = _mm256_cmpeq_epi32(codes, _mm256_set1_epi32(c));
+}
+
+// avx512::gather_row with eight lanes: columns [0, n - n % 8) here, the rest by gather_2x2_row.
+DSF_AVX2 bool gather_row_body(const float* g0, const float* g1, SwitchFormat fmt, const void* sw, int64_t n,
+                              int64_t base, int64_t W, float* dst) {
+  __m256i ok = _mm256_set1_epi32(-1);
+  for (int64_t ow = 0; ow + 8 <= n; ow += 8) {
+    __m256i k[4];
+    tap_masks(fmt, sw, ow, base, W, k);
+    ok = _mm256_and_si256(ok, _mm256_or_si256(_mm256_or_si256(k[0], k[1]), _mm256_or_si256(k[2], k[3])));
+    // Even and odd columns of the two rows: shuffles pick them per 128-bit half, a permute orders them.
+    const __m256 a0 = _mm256_loadu_ps(g0 + 2 * ow), a1 = _mm256_loadu_ps(g0 + 2 * ow + 8);
+    const __m256 b0 = _mm256_loadu_ps(g1 + 2 * ow), b1 = _mm256_loadu_ps(g1 + 2 * ow + 8);
+    const auto order = [](__m256 x) DSF_AVX2 {
+      return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(x), _MM_SHUFFLE(3, 1, 2, 0)));
+    };
+    const __m256 e0 = order(_mm256_shuffle_ps(a0, a1, _MM_SHUFFLE(2, 0, 2, 0)));
+    const __m256 o0 = order(_mm256_shuffle_ps(a0, a1, _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m256 e1 = order(_mm256_shuffle_ps(b0, b1, _MM_SHUFFLE(2, 0, 2, 0)));
+    const __m256 o1 = order(_mm256_shuffle_ps(b0, b1, _MM_SHUFFLE(3, 1, 3, 1)));
+    __m256 r = _mm256_and_ps(e0, _mm256_castsi256_ps(k[0]));
+    r = _mm256_blendv_ps(r, o0, _mm256_castsi256_ps(k[1]));
+    r = _mm256_blendv_ps(r, e1, _mm256_castsi256_ps(k[2]));
+    r = _mm256_blendv_ps(r, o1, _mm256_castsi256_ps(k[3]));
+    _mm256_storeu_ps(dst + ow, r);
+  }
+  return _mm256_movemask_ps(_mm256_castsi256_ps(ok)) == 0xFF;
+}
+
+// avx512::scatter_row with eight lanes: columns [0, n - n % 8) here, the rest by scatter_2x2_row.
+DSF_AVX2 bool scatter_row_body(const float* src, SwitchFormat fmt, const void* sw, int64_t n, int64_t base, int64_t W,
+                               float* o0, float* o1) {
+  __m256i ok = _mm256_set1_epi32(-1);
+  for (int64_t ow = 0; ow + 8 <= n; ow += 8) {
+    __m256i k[4];
+    tap_masks(fmt, sw, ow, base, W, k);
+    ok = _mm256_and_si256(ok, _mm256_or_si256(_mm256_or_si256(k[0], k[1]), _mm256_or_si256(k[2], k[3])));
+    const __m256 v = _mm256_loadu_ps(src + ow);
+    for (int r = 0; r < 2; ++r) {
+      const __m256 even = _mm256_and_ps(v, _mm256_castsi256_ps(k[2 * r]));
+      const __m256 odd = _mm256_and_ps(v, _mm256_castsi256_ps(k[2 * r + 1]));
+      // Interleaved per 128-bit half (columns 0, 1, 4, 5 and 2, 3, 6, 7), then the halves in order.
+      const __m256 lo = _mm256_unpacklo_ps(even, odd), hi = _mm256_unpackhi_ps(even, odd);
+      float* o = (r == 0 ? o0 : o1) + 2 * ow;
+      _mm256_storeu_ps(o, _mm256_permute2f128_ps(lo, hi, 0x20));
+      _mm256_storeu_ps(o + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+    }
+  }
+  return _mm256_movemask_ps(_mm256_castsi256_ps(ok)) == 0xFF;
+}
+
+}  // namespace avx2
 #endif
 
 // ---------------------------------------------------------------------------------------------
@@ -716,15 +809,26 @@ bool scatter_bands(const scalar_t* src, const void* sw, scalar_t* out, bool nhwc
         const int64_t so = ix.offset(n, c, oh, 0);
         const void* sw_row = F == SwitchFormat::Flat ? static_cast<const void*>(static_cast<const int64_t*>(sw) + so)
                                                      : static_cast<const void*>(static_cast<const uint8_t*>(sw) + so);
+        const scalar_t* src_row = src + (plane * Hp + oh) * Wp;
         bool ok;
 #ifdef DSF_HAVE_AVX512_KERNELS
         if constexpr (std::is_same_v<scalar_t, float>) {
-          ok = cpu_has_avx512() ? avx512::scatter_row(src + (plane * Hp + oh) * Wp, F, sw_row, Wp, 2 * oh * W, W, band, band + W)
-                                : scatter_2x2_row<scalar_t, F>(src + (plane * Hp + oh) * Wp, sw_row, Wp, 2 * oh * W, W, band, band + W);
+          if (cpu_has_avx512()) {
+            ok = avx512::scatter_row(src_row, F, sw_row, Wp, 2 * oh * W, W, band, band + W);
+          } else if (cpu_has_avx2()) {  // whole steps of eight, then the portable loop
+            const int64_t n8 = Wp / 8 * 8, so8 = ix.offset(n, c, oh, n8);
+            const void* sw8 = F == SwitchFormat::Flat ? static_cast<const void*>(static_cast<const int64_t*>(sw) + so8)
+                                                      : static_cast<const void*>(static_cast<const uint8_t*>(sw) + so8);
+            ok = avx2::scatter_row_body(src_row, F, sw_row, Wp, 2 * oh * W, W, band, band + W) &&
+                 scatter_2x2_row<scalar_t, F>(src_row + n8, sw8, Wp - n8, 2 * oh * W + 2 * n8, W, band + 2 * n8,
+                                              band + W + 2 * n8);
+          } else {
+            ok = scatter_2x2_row<scalar_t, F>(src_row, sw_row, Wp, 2 * oh * W, W, band, band + W);
+          }
         } else
 #endif
         {
-          ok = scatter_2x2_row<scalar_t, F>(src + (plane * Hp + oh) * Wp, sw_row, Wp, 2 * oh * W, W, band, band + W);
+          ok = scatter_2x2_row<scalar_t, F>(src_row, sw_row, Wp, 2 * oh * W, W, band, band + W);
         }
         if (!ok) left_window.store(true);
         if (W > 2 * Wp) {
@@ -790,6 +894,25 @@ DSF_MULTIVERSION bool gather_flat_row(const scalar_t* __restrict plane, const in
   return ok;
 }
 
+// 2x2 stride-2 NCHW, one pooled row: each element reads the gradient at its switch, among the four
+// taps of its window in output rows g0 and g1. Returns false when a switch is not a tap of its window
+// (that element then holds one of its taps; the caller redoes the row element by element).
+template <typename scalar_t, SwitchFormat F>
+DSF_MULTIVERSION bool gather_2x2_row(const scalar_t* __restrict g0, const scalar_t* __restrict g1,
+                                     const void* __restrict sw_row, int64_t n, int64_t base, int64_t W,
+                                     scalar_t* __restrict dst) {
+  const Key2x2<F> key(W);
+  int bad = 0;
+  for (int64_t ow = 0; ow < n; ++ow) {
+    const auto d = key.at(sw_row, F == SwitchFormat::Packed ? (ow >> 2) : ow, packed_shift(ow), base + 2 * ow);
+    const scalar_t top = d == key.t0 ? g0[2 * ow] : g0[2 * ow + 1];
+    const scalar_t bottom = d == key.t2 ? g1[2 * ow] : g1[2 * ow + 1];
+    dst[ow] = (d == key.t0) | (d == key.t1) ? top : bottom;
+    bad |= key.none(d);
+  }
+  return bad == 0;
+}
+
 template <typename scalar_t, SwitchFormat F>
 void gather(const scalar_t* grad, const void* sw, scalar_t* out, bool nhwc, int64_t N, int64_t C, int64_t Hp,
             int64_t Wp, int64_t H, int64_t W, const Geometry& g, BadIndex& bad) {
@@ -835,16 +958,32 @@ void gather(const scalar_t* grad, const void* sw, scalar_t* out, bool nhwc, int6
       const int64_t plane = r / Hp, oh = r % Hp;
       const scalar_t* gp = grad + plane * H * W;
       bool done = false;
+      if (fast2x2) {
+        auto sw_at = [&](int64_t ow) {  // the switches of pooled column ow on (packed: ow % 4 == 0)
+          const int64_t so = ix.offset(plane / C, plane % C, oh, ow);
+          return F == SwitchFormat::Flat ? static_cast<const void*>(static_cast<const int64_t*>(sw) + so)
+                                         : static_cast<const void*>(static_cast<const uint8_t*>(sw) + so);
+        };
+        const scalar_t *g0 = gp + 2 * oh * W, *g1 = gp + (2 * oh + 1) * W;
+        bool tried = false;
 #ifdef DSF_HAVE_AVX512_KERNELS
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        if (fast2x2 && cpu_has_avx512()) {
-          const int64_t so = ix.offset(plane / C, plane % C, oh, 0);
-          const void* sw_row = F == SwitchFormat::Flat ? static_cast<const void*>(static_cast<const int64_t*>(sw) + so)
-                                                       : static_cast<const void*>(static_cast<const uint8_t*>(sw) + so);
-          done = avx512::gather_row(gp + 2 * oh * W, gp + (2 * oh + 1) * W, F, sw_row, Wp, 2 * oh * W, W, out + r * Wp);
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (cpu_has_avx512()) {
+            done = avx512::gather_row(g0, g1, F, sw_at(0), Wp, 2 * oh * W, W, out + r * Wp);
+            tried = true;
+          } else if (cpu_has_avx2()) {  // whole steps of eight, then the portable loop
+            const int64_t n8 = Wp / 8 * 8;
+            done = avx2::gather_row_body(g0, g1, F, sw_at(0), Wp, 2 * oh * W, W, out + r * Wp) &&
+                   gather_2x2_row<scalar_t, F>(g0 + 2 * n8, g1 + 2 * n8, sw_at(n8), Wp - n8, 2 * oh * W + 2 * n8, W,
+                                               out + r * Wp + n8);
+            tried = true;
+          }
         }
-      }
 #endif
+        // Without those: the portable row loop (flat switches: the gather below is faster than it).
+        if (!tried && F != SwitchFormat::Flat)
+          done = gather_2x2_row<scalar_t, F>(g0, g1, sw_at(0), Wp, 2 * oh * W, W, out + r * Wp);
+      }
       if (!done && F == SwitchFormat::Flat)
         done = gather_flat_row(gp, static_cast<const int64_t*>(sw) + r * Wp, Wp, H * W, out + r * Wp);
       // A switch left its window or is invalid: redo the row element by element (records errors).
