@@ -328,6 +328,16 @@ def test_packed_weight_matches_torch(shape, c_out, k, s, p, d, layout):
 
 def test_packed_weight_bfloat16_and_fake():
     x, w, b = make((1, 4, 9, 10), 6, 3, dtype=torch.bfloat16, layout="channels_last")
+    from deconvseg_fast.ops.conv import can_pack
+    if not can_pack(torch.bfloat16):  # no AVX-512 BW/VL/DQ nor AVX-NE-CONVERT: a clear refusal
+        with pytest.raises(RuntimeError, match="weight: this CPU cannot pack torch.bfloat16 weights"):
+            F.pack_conv_weight(w, 1, 2, 2)
+        conv = AtrousConv2d(4, 6, 3, padding=2, dilation=2).to(torch.bfloat16).eval()
+        deconvseg_fast.freeze(conv)  # a frozen bfloat16 module runs its plain weight there
+        with torch.no_grad():
+            torch.testing.assert_close(conv(x).float(), TF.conv2d(x.float(), conv.weight.float(), conv.bias.float(),
+                                                                  1, 2, 2), rtol=2e-2, atol=2e-2)
+        return
     with torch.no_grad():
         packed = F.pack_conv_weight(w, 1, 2, 2)
         y = F.atrous_conv2d(x, packed, b, 1, 2, 2, activation="relu")

@@ -9,6 +9,8 @@ separate pass: rtol 1e-4 / atol 1e-5 allows a few ulps on O(1) logits.
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -33,6 +35,15 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
                 m.bias.copy_(torch.rand(m.num_features, generator=g) - 0.5)
     return model
+
+
+def assert_matches_twin(y: torch.Tensor, twin: torch.nn.Module, x: torch.Tensor) -> None:
+    """Ours against the twin run in float64, the exact result up to float32 rounding. The float32 twin
+    is no oracle at TOL: on an AVX2-only host torch's own convolutions put DeconvNet's output 2.4e-5
+    from the float64 result, ours 7.7e-6 (oneDNN blocks its sums per vector width)."""
+    with torch.no_grad():
+        ref = copy.deepcopy(twin).double()(x.double())
+    torch.testing.assert_close(y.double(), ref, **TOL)
 
 
 def pair(name: str, *args, **kwargs):
@@ -61,7 +72,7 @@ def test_model_matches_twin(name, classes, shape):
         y, ref = ours(x), twin(x)
     assert y.shape == (shape[0], classes, shape[2], shape[3])
     assert ref.abs().max() > 1e-3  # the comparison is not between two zero maps
-    torch.testing.assert_close(y, ref, **TOL)
+    assert_matches_twin(y, twin, x)
 
 
 @pytest.mark.parametrize("name,classes,shape", CASES, ids=[c[0] for c in CASES])
@@ -72,10 +83,10 @@ def test_frozen_model_matches_twin(name, classes, shape):
     x = torch.randn(shape)
     deconvseg_fast.freeze(ours)
     with torch.no_grad():
-        y, ref = ours(x), twin(x)
+        y = ours(x)
     packs = [m for m in ours.modules() if getattr(m, "_pack", None) is not None and m._pack.packs]
     assert packs
-    torch.testing.assert_close(y, ref, **TOL)
+    assert_matches_twin(y, twin, x)
     ours.train()
     assert all(getattr(m, "_pack", None) is None for m in ours.modules())
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .. import functional as F
-from ..ops.conv import PACKED_DTYPES, check_activation, pack_weight
+from ..ops.conv import can_pack, check_activation, pack_weight
 
 
 class PackedWeight:
@@ -19,8 +19,9 @@ class PackedWeight:
     held by a frozen module (``deconvseg_fast.freeze``) for CPU inference.
 
     ``get(source, make, input, *operands)`` returns the packed weight when it may be used for this
-    call -- CPU float32/bfloat16, no gradient asked for, not under torch.compile -- and ``None``
-    otherwise (the module then runs its plain weight). A pack is made per input size (oneDNN
+    call -- CPU float32/bfloat16 (bfloat16 where the CPU can pack it: ``ops.conv.can_pack``), no
+    gradient asked for, not under torch.compile -- and ``None`` otherwise (the module then runs its
+    plain weight). A pack is made per input size (oneDNN
     picks the layout for it; the last ``MAX_SIZES`` sizes are kept) from ``make()``, a dense copy
     of the weight. ``source`` is the parameter the packs come from: when its version counter or
     storage changes (``load_state_dict``, an optimizer step, any in-place op torch tracks) they
@@ -37,8 +38,8 @@ class PackedWeight:
         self.packs: dict[tuple, torch.Tensor] = {}
 
     def get(self, source: torch.Tensor, make, input: torch.Tensor, *operands) -> torch.Tensor | None:
-        if source.device.type != "cpu" or source.dtype not in PACKED_DTYPES or input.dtype != source.dtype \
-                or input.dim() != 4 or not torch.backends.mkldnn.is_available() or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or source.device.type != "cpu" or not can_pack(source.dtype) \
+                or input.dtype != source.dtype or input.dim() != 4:
             return None
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, *operands)):
             return None

@@ -9,6 +9,7 @@ every device the same ``ValueError`` messages before any kernel runs.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -19,6 +20,23 @@ from ._common import pair, stride_padding_dilation, triton_kernels
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 ACTIVATIONS = ("none", "relu")
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+@functools.lru_cache(maxsize=None)
+def can_pack(dtype: torch.dtype) -> bool:
+    """Whether this CPU can pack a weight of ``dtype``: float32 everywhere oneDNN is; bfloat16 only
+    where oneDNN's bf16 reorder runs (AVX-512 BW/VL/DQ or AVX-NE-CONVERT), found by packing a tiny
+    weight once."""
+    if dtype not in PACKED_DTYPES or not torch.backends.mkldnn.is_available():
+        return False
+    if dtype == torch.float32:
+        return True
+    try:
+        torch._C._nn.mkldnn_reorder_conv2d_weight(torch.zeros(1, 1, 1, 1, dtype=dtype).to_mkldnn(),
+                                                  [0, 0], [1, 1], [1, 1], 1, None)
+    except RuntimeError:
+        return False
+    return True
 
 _ops = torch.ops.deconvseg
 
@@ -77,6 +95,9 @@ def pack_weight(weight: torch.Tensor, stride=1, padding=0, dilation=1, input_siz
         raise ValueError(f"weight must be float32 or bfloat16 to be packed, got {weight.dtype}")
     if not torch.backends.mkldnn.is_available():
         raise RuntimeError("weight: packing needs torch built with oneDNN (torch.backends.mkldnn.is_available())")
+    if not can_pack(weight.dtype):
+        raise RuntimeError(f"weight: this CPU cannot pack {weight.dtype} weights (oneDNN's bfloat16 reorder needs "
+                           "AVX-512 BW/VL/DQ or AVX-NE-CONVERT): pack a float32 weight, or pass the plain weight")
     s, p, d = stride_padding_dilation(stride, padding, dilation)
     if input_size is not None:
         input_size = [int(v) for v in input_size]
