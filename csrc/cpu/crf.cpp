@@ -986,70 +986,64 @@ struct ReduceBlur {
   int64_t stages() const { return lat->D1 + 1; }
   const T* result() const { return lat->D1 % 2 ? b : a; }
   // Stage s over rows [begin, end): the AVX-512 rows for float rows of whole half registers, else
-  // the portable loops.
+  // the portable loops. Stage 0 adds the parts (within the bands lo, hi) into a.
   void run(int s, int64_t begin, int64_t end) const {
-    T* parts = buf->parts.template mutable_data_ptr<T>();
-    const int64_t stride = buf->rows * buf->Cp;
+    if (s == 0) {
+      add(lo, hi, begin, end, a);
+      return;
+    }
     const int d = static_cast<int>(lat->D1 - 1), step = s - 1;
-    const int32_t* nbj = s == 0 ? nullptr : lat->nb + static_cast<int64_t>(reverse ? d - step : step) * lat->M * 2;
+    const int32_t* nbj = lat->nb + static_cast<int64_t>(reverse ? d - step : step) * lat->M * 2;
     // blur_range's vertex v is buffer row v + 1.
 #ifdef DSF_HAVE_AVX512_KERNELS
     if constexpr (std::is_same_v<T, float>) {
       if (buf->Cp % 8 == 0 && cpu_has_avx512()) {
-        if (s == 0)
-          avx512::add_rows(parts, stride, lo, hi, buf->Cp, begin, end, a);
-        else
-          avx512::blur_rows(s % 2 ? a : b, nbj, buf->Cp, begin - 1, end - 1, s % 2 ? b : a);
+        avx512::blur_rows(s % 2 ? a : b, nbj, buf->Cp, begin - 1, end - 1, s % 2 ? b : a);
         return;
       }
     }
 #endif
-    if (s == 0)
-      add_parts<T>(parts, stride, lo, hi, buf->Cp, begin, end, a);
-    else
-      blur_range<T>(s % 2 ? a : b, nbj, buf->Cp, begin - 1, end - 1, s % 2 ? b : a);
+    blur_range<T>(s % 2 ? a : b, nbj, buf->Cp, begin - 1, end - 1, s % 2 ? b : a);
+  }
+  // out[v] = the sum, in part order, of the parts whose band [blo[p], bhi[p]) holds row v, for rows
+  // [begin, end); the parts are cleared as they are read.
+  void add(const int64_t* blo, const int64_t* bhi, int64_t begin, int64_t end, T* out) const {
+    T* parts = buf->parts.template mutable_data_ptr<T>();
+    const int64_t stride = buf->rows * buf->Cp;
+#ifdef DSF_HAVE_AVX512_KERNELS
+    if constexpr (std::is_same_v<T, float>) {
+      if (buf->Cp % 8 == 0 && cpu_has_avx512()) {
+        avx512::add_rows(parts, stride, blo, bhi, buf->Cp, begin, end, out);
+        return;
+      }
+    }
+#endif
+    add_parts<T>(parts, stride, blo, bhi, buf->Cp, begin, end, out);
   }
   int64_t first_row(int s) const { return s == 0 ? 0 : 1; }
   // The pre-fold: parts [0, F) are summed, in part order, into part F - 1 over rows [begin, end)
-  // of their bands' union [fold_lo(F), fold_hi(F)) and cleared, as stage 0 would read them; stage 0
-  // then reads part F - 1 over that union in their place, which continues the same sums in the same
-  // order, so gives the same bits. (A union row no part held gets +0, and +0 + x is x for every
-  // splat sum x: a sum that starts at +0 is never -0.)
-  int64_t fold_lo(int64_t F) const {
-    int64_t u = rows();
-    for (int64_t p = 0; p < F; ++p)
-      if (lat->part_hi[p] > lat->part_lo[p]) u = std::min(u, lat->part_lo[p]);
-    return u;
-  }
-  int64_t fold_hi(int64_t F) const {
-    int64_t u = 0;
-    for (int64_t p = 0; p < F; ++p) u = std::max(u, lat->part_hi[p]);
-    return u;
+  // of their bands' union and cleared, as stage 0 would read them; stage 0 then reads part F - 1
+  // over that union in their place, which continues the same sums in the same order, so gives the
+  // same bits. (A union row no part held gets +0, and +0 + x is x for every splat sum x: a sum that
+  // starts at +0 is never -0.) fold_bands(F) sets stage 0's bands so and returns the union
+  // [u0, u1) (empty when u0 >= u1); prefold(F, begin, end) then folds rows [begin, end) of it.
+  std::pair<int64_t, int64_t> fold_bands(int64_t F) {
+    int64_t u0 = rows(), u1 = 0;
+    for (int64_t p = 0; p < F; ++p) {
+      if (lat->part_hi[p] > lat->part_lo[p]) u0 = std::min(u0, lat->part_lo[p]);
+      u1 = std::max(u1, lat->part_hi[p]);
+    }
+    set_bands();
+    for (int64_t p = 0; p + 1 < F; ++p) lo[p] = hi[p] = 0;
+    lo[F - 1] = u1 > u0 ? u0 : 0;
+    hi[F - 1] = u1 > u0 ? u1 : 0;
+    return {u0, u1};
   }
   void prefold(int64_t F, int64_t begin, int64_t end) const {
     int64_t flo[kSplatParts] = {}, fhi[kSplatParts] = {};
     std::copy(lat->part_lo, lat->part_lo + F, flo);
     std::copy(lat->part_hi, lat->part_hi + F, fhi);
-    T* parts = buf->parts.template mutable_data_ptr<T>();
-    const int64_t stride = buf->rows * buf->Cp;
-    T* into = parts + (F - 1) * stride;
-#ifdef DSF_HAVE_AVX512_KERNELS
-    if constexpr (std::is_same_v<T, float>) {
-      if (buf->Cp % 8 == 0 && cpu_has_avx512()) {
-        avx512::add_rows(parts, stride, flo, fhi, buf->Cp, begin, end, into);
-        return;
-      }
-    }
-#endif
-    add_parts<T>(parts, stride, flo, fhi, buf->Cp, begin, end, into);
-  }
-  // Stage 0's bands once parts [0, F) are folded into part F - 1.
-  void set_folded_bands(int64_t F) {
-    set_bands();
-    const int64_t u0 = fold_lo(F), u1 = fold_hi(F);
-    for (int64_t p = 0; p + 1 < F; ++p) lo[p] = hi[p] = 0;
-    lo[F - 1] = u1 > u0 ? u0 : 0;
-    hi[F - 1] = u1 > u0 ? u1 : 0;
+    add(flo, fhi, begin, end, buf->parts.template mutable_data_ptr<T>() + (F - 1) * buf->rows * buf->Cp);
   }
 };
 
@@ -1155,8 +1149,9 @@ void reduce_blur_all(const LatticeView* const* lats, VertexBuffers<T>* const* bu
       first[p][j + 1] = first[p][j] + (n + block_of(p) - 1) / block_of(p);
     }
   // Phased lattice j's pre-fold (threads > 1 only, below): parts [0, F) folded up to row
-  // folded[j] of the union [fold_lo, fold_hi) of their bands.
+  // folded[j] of the union fold[j] of their bands.
   int64_t F = 0;
+  std::vector<std::pair<int64_t, int64_t>> fold(phased.size());
   std::vector<std::atomic<int64_t>> folded(phased.size());
   auto run_block = [&](int p, int64_t blk) {
     const std::vector<int64_t>& f = first[p];
@@ -1165,7 +1160,7 @@ void reduce_blur_all(const LatticeView* const* lats, VertexBuffers<T>* const* bu
     const int64_t begin = rb.first_row(p) + (blk - f[j]) * block_of(p);
     const int64_t end = std::min(rb.rows(), begin + block_of(p));
     if (p == 0 && F > 0) {
-      const int64_t need = std::min(end, rb.fold_hi(F));
+      const int64_t need = std::min(end, fold[j].second);
       while (folded[j].load(std::memory_order_acquire) < need) spin_pause();
     }
     rb.run(p, begin, end);
@@ -1186,8 +1181,8 @@ void reduce_blur_all(const LatticeView* const* lats, VertexBuffers<T>* const* bu
     // two that share one (AVX2), no change beyond the noise.
     if (S >= 1 && S < threads && !phased.empty() && kSplatParts / threads >= 2) F = kSplatParts / threads;
     for (size_t j = 0; j < phased.size(); ++j) {
-      if (F > 0) rbs[phased[j]].set_folded_bands(F);
-      folded[j] = F > 0 ? rbs[phased[j]].fold_lo(F) : 0;
+      if (F > 0) fold[j] = rbs[phased[j]].fold_bands(F);
+      folded[j] = fold[j].first;
     }
     at::parallel_for(0, threads, 1, [&](int64_t slot0, int64_t slot1) {
       bool phases = false;  // whether this thread works on the phases
@@ -1195,9 +1190,8 @@ void reduce_blur_all(const LatticeView* const* lats, VertexBuffers<T>* const* bu
         if (S < threads) {  // a sweep per slot, the remaining slots on the phases
           if (slot == 0 && F > 0)
             for (size_t j = 0; j < phased.size(); ++j) {
-              const ReduceBlur<T>& rb = rbs[phased[j]];
-              for (int64_t r = rb.fold_lo(F), u = rb.fold_hi(F); r < u; r += 512) {
-                rb.prefold(F, r, std::min(u, r + 512));
+              for (int64_t r = fold[j].first, u = fold[j].second; r < u; r += 512) {
+                rbs[phased[j]].prefold(F, r, std::min(u, r + 512));
                 folded[j].store(std::min(u, r + 512), std::memory_order_release);
               }
             }
@@ -1975,16 +1969,13 @@ void mean_field_points(const float* lg, bool point_major, int64_t L, int64_t N, 
             for (int64_t c = 0; c < ls; ++c) rows[i * ls + c] = c < L ? lg[i * L + c] : -1e30f;
         } else {
 #ifdef DSF_HAVE_AVX512_KERNELS
-          if (fast_block && wide) {  // unpadded rows (ls = L)
-            for (int64_t j0 = i0; j0 < i1; j0 += 16)
-              for (int64_t c0 = 0; c0 < L; c0 += 16)
-                avx512::transpose16(lg + c0 * N + j0, N, static_cast<int>(std::min<int64_t>(16, L - c0)),
-                                    static_cast<int>(std::min<int64_t>(16, i1 - j0)), rows + j0 * ls + c0, ls);
-          } else if (fast_block) {
-            for (int64_t j0 = i0; j0 < i1; j0 += 8)
-              for (int64_t c0 = 0; c0 < L; c0 += 8)
-                avx2::transpose8(lg + c0 * N + j0, N, static_cast<int>(std::min<int64_t>(8, L - c0)),
-                                 static_cast<int>(std::min<int64_t>(8, i1 - j0)), rows + j0 * ls + c0, ls);
+          if (fast_block) {  // unpadded rows (ls = L), in 16 x 16 (AVX-512) or 8 x 8 blocks
+            const int64_t tb = wide ? 16 : 8;
+            const auto transpose = wide ? &avx512::transpose16 : &avx2::transpose8;
+            for (int64_t j0 = i0; j0 < i1; j0 += tb)
+              for (int64_t c0 = 0; c0 < L; c0 += tb)
+                transpose(lg + c0 * N + j0, N, static_cast<int>(std::min(tb, L - c0)),
+                          static_cast<int>(std::min(tb, i1 - j0)), rows + j0 * ls + c0, ls);
           } else
 #endif
           {
