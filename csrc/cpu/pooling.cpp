@@ -603,6 +603,12 @@ struct SwitchIndexer {
     return nhwc ? ((n * Hp + oh) * cols() + col) * C + c : ((n * C + c) * Hp + oh) * cols() + col;
   }
   inline int64_t shift(int64_t ow) const { return fmt == SwitchFormat::Packed ? packed_shift(ow) : 0; }
+  // The switches of (n, c, oh, ow) on, in `sw` (int64 for flat, bytes otherwise; packed: ow % 4 == 0).
+  inline const void* at(const void* sw, int64_t n, int64_t c, int64_t oh, int64_t ow) const {
+    const int64_t so = offset(n, c, oh, ow);
+    return fmt == SwitchFormat::Flat ? static_cast<const void*>(static_cast<const int64_t*>(sw) + so)
+                                     : static_cast<const void*>(static_cast<const uint8_t*>(sw) + so);
+  }
 };
 
 [[noreturn]] void throw_bad_index(int64_t bad, SwitchFormat fmt, int64_t H, int64_t W) {
@@ -790,9 +796,7 @@ bool scatter_bands(const scalar_t* src, const void* sw, scalar_t* out, bool nhwc
         bool ok = true;
         const scalar_t* src_row = src + (n * Hp + oh) * Wp * C;
         for (int64_t ow = 0; ow < Wp; ++ow) {
-          const int64_t so = ix.offset(n, 0, oh, ow);
-          const void* sw_px = F == SwitchFormat::Flat ? static_cast<const void*>(static_cast<const int64_t*>(sw) + so)
-                                                      : static_cast<const void*>(static_cast<const uint8_t*>(sw) + so);
+          const void* sw_px = ix.at(sw, n, 0, oh, ow);
           scalar_t* o = band + 2 * ow * C;
           ok &= scatter_2x2_pixel<scalar_t, F>(src_row + ow * C, sw_px, static_cast<int>(ix.shift(ow)), C,
                                                2 * oh * W + 2 * ow, W, o, o + C, o + W * C, o + W * C + C);
@@ -806,9 +810,7 @@ bool scatter_bands(const scalar_t* src, const void* sw, scalar_t* out, bool nhwc
       }
       if (fast2x2) {
         const int64_t c = plane % C;
-        const int64_t so = ix.offset(n, c, oh, 0);
-        const void* sw_row = F == SwitchFormat::Flat ? static_cast<const void*>(static_cast<const int64_t*>(sw) + so)
-                                                     : static_cast<const void*>(static_cast<const uint8_t*>(sw) + so);
+        const void* sw_row = ix.at(sw, n, c, oh, 0);
         const scalar_t* src_row = src + (plane * Hp + oh) * Wp;
         bool ok;
 #ifdef DSF_HAVE_AVX512_KERNELS
@@ -816,11 +818,9 @@ bool scatter_bands(const scalar_t* src, const void* sw, scalar_t* out, bool nhwc
           if (cpu_has_avx512()) {
             ok = avx512::scatter_row(src_row, F, sw_row, Wp, 2 * oh * W, W, band, band + W);
           } else if (cpu_has_avx2()) {  // whole steps of eight, then the portable loop
-            const int64_t n8 = Wp / 8 * 8, so8 = ix.offset(n, c, oh, n8);
-            const void* sw8 = F == SwitchFormat::Flat ? static_cast<const void*>(static_cast<const int64_t*>(sw) + so8)
-                                                      : static_cast<const void*>(static_cast<const uint8_t*>(sw) + so8);
+            const int64_t n8 = Wp / 8 * 8;
             ok = avx2::scatter_row_body(src_row, F, sw_row, Wp, 2 * oh * W, W, band, band + W) &&
-                 scatter_2x2_row<scalar_t, F>(src_row + n8, sw8, Wp - n8, 2 * oh * W + 2 * n8, W, band + 2 * n8,
+                 scatter_2x2_row<scalar_t, F>(src_row + n8, ix.at(sw, n, c, oh, n8), Wp - n8, 2 * oh * W + 2 * n8, W, band + 2 * n8,
                                               band + W + 2 * n8);
           } else {
             ok = scatter_2x2_row<scalar_t, F>(src_row, sw_row, Wp, 2 * oh * W, W, band, band + W);
@@ -936,9 +936,7 @@ void gather(const scalar_t* grad, const void* sw, scalar_t* out, bool nhwc, int6
         const int64_t n = r / Hp, oh = r % Hp;
         for (int64_t ow = 0; ow < Wp; ++ow) {
           if (fast2x2) {
-            const int64_t so = ix.offset(n, 0, oh, ow);
-            const void* sw_px = F == SwitchFormat::Flat ? static_cast<const void*>(static_cast<const int64_t*>(sw) + so)
-                                                        : static_cast<const void*>(static_cast<const uint8_t*>(sw) + so);
+            const void* sw_px = ix.at(sw, n, 0, oh, ow);
             const scalar_t* g00 = grad + ((n * H + 2 * oh) * W + 2 * ow) * C;
             if (gather_2x2_pixel<scalar_t, F>(g00, g00 + C, g00 + W * C, g00 + W * C + C, sw_px,
                                               static_cast<int>(ix.shift(ow)), C, 2 * oh * W + 2 * ow, W,
@@ -959,11 +957,7 @@ void gather(const scalar_t* grad, const void* sw, scalar_t* out, bool nhwc, int6
       const scalar_t* gp = grad + plane * H * W;
       bool done = false;
       if (fast2x2) {
-        auto sw_at = [&](int64_t ow) {  // the switches of pooled column ow on (packed: ow % 4 == 0)
-          const int64_t so = ix.offset(plane / C, plane % C, oh, ow);
-          return F == SwitchFormat::Flat ? static_cast<const void*>(static_cast<const int64_t*>(sw) + so)
-                                         : static_cast<const void*>(static_cast<const uint8_t*>(sw) + so);
-        };
+        auto sw_at = [&](int64_t ow) { return ix.at(sw, plane / C, plane % C, oh, ow); };
         const scalar_t *g0 = gp + 2 * oh * W, *g1 = gp + (2 * oh + 1) * W;
         bool tried = false;
 #ifdef DSF_HAVE_AVX512_KERNELS
