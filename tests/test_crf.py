@@ -231,6 +231,11 @@ for d in (2, 3, 5, 7):  # 2, 3, 5 have 16-point AVX-512 simplex kernels; 7 does 
         f = torch.rand(1003, d, generator=g) * spread
         f[:64] = torch.round(f[:64] * 2) / 2  # points on rounding ties
         out[d, spread] = torch.ops.deconvseg.permutohedral_lattice(f)
+# The filter's adds and blurs: vectorised rows for channels padded to a multiple of 8 (1 is not).
+lattice = out[5, 3.0]
+for channels in (1, 5, 8, 21):
+    out["filter", channels] = (torch.ops.deconvseg.permutohedral_filter(torch.randn(1003, channels, generator=g),
+                                                                        *lattice, False),)
 img = (torch.rand(2, 3, 30, 41, generator=g) * 255).to(torch.uint8)
 # Label counts that fill whole registers, end in a half register (8 labels), or in part of one.
 for labels in (1, 3, 8, 16, 21, 40, 60, 70):
@@ -245,7 +250,8 @@ torch.save(out, "{path}")
 def test_simd_kernels_match_the_portable_code(tmp_path):
     # Every path this machine has, against the portable loops: the default (AVX-512 where there is
     # one), DECONVSEG_DISABLE_AVX512=1 (AVX2 where there is one) and both disabled (portable). The
-    # lattice must be the same bits (its simplex math is exact float arithmetic in a fixed order);
+    # lattice must be the same bits (its simplex math is exact float arithmetic in a fixed order),
+    # and so must the filter (its adds and blurs are the same element-wise operations at any width);
     # mean field differs only by the rounding of its fused multiply-adds, exp polynomial and sums.
     results = []
     for disable in (("0", "0"), ("1", "0"), ("1", "1")):

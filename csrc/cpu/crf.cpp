@@ -881,6 +881,45 @@ DSF_AVX512 void add_rows(float* parts, int64_t part_stride, const int64_t* lo, c
 }
 
 }  // namespace avx512
+
+namespace avx2 {
+
+// The same two row operations for machines without AVX-512: one eight-lane register at a time
+// (the portable loops' eight-float blocks compile to a loop with a bound check per block). Same
+// operations, same bits.
+DSF_AVX2 void blur_rows(const float* __restrict src, const int32_t* __restrict nbj, int64_t Cp, int64_t begin,
+                        int64_t end, float* __restrict dst) {
+  const __m256 half = _mm256_set1_ps(0.5f);
+  for (int64_t v = begin; v < end; ++v) {
+    const float* o = src + (v + 1) * Cp;
+    const float* p1 = src + static_cast<int64_t>(nbj[v * 2]) * Cp;
+    const float* p2 = src + static_cast<int64_t>(nbj[v * 2 + 1]) * Cp;
+    float* out = dst + (v + 1) * Cp;
+    for (int64_t c = 0; c < Cp; c += 8) {
+      const __m256 sum = _mm256_add_ps(_mm256_loadu_ps(p1 + c), _mm256_loadu_ps(p2 + c));
+      _mm256_storeu_ps(out + c, _mm256_add_ps(_mm256_loadu_ps(o + c), _mm256_mul_ps(half, sum)));
+    }
+  }
+}
+
+DSF_AVX2 void add_rows(float* parts, int64_t part_stride, const int64_t* lo, const int64_t* hi, int64_t Cp,
+                       int64_t begin, int64_t end, float* out) {
+  const __m256 zero = _mm256_setzero_ps();
+  for (int64_t v = begin; v < end; ++v) {
+    float* with[kSplatParts];
+    const int n = parts_holding(parts, part_stride, lo, hi, Cp, v, with);
+    for (int64_t c = 0; c < Cp; c += 8) {
+      __m256 acc = zero;
+      for (int j = 0; j < n; ++j) {
+        acc = j == 0 ? _mm256_loadu_ps(with[j] + c) : _mm256_add_ps(acc, _mm256_loadu_ps(with[j] + c));
+        _mm256_storeu_ps(with[j] + c, zero);
+      }
+      _mm256_storeu_ps(out + v * Cp + c, acc);
+    }
+  }
+}
+
+}  // namespace avx2
 #endif
 
 // out[0:Cp] = sum over pixel i's simplex corners of (weight * buf[vertex+1]) * alpha.
@@ -985,8 +1024,8 @@ struct ReduceBlur {
   int64_t rows() const { return buf->rows; }
   int64_t stages() const { return lat->D1 + 1; }
   const T* result() const { return lat->D1 % 2 ? b : a; }
-  // Stage s over rows [begin, end): the AVX-512 rows for float rows of whole half registers, else
-  // the portable loops. Stage 0 adds the parts (within the bands lo, hi) into a.
+  // Stage s over rows [begin, end): the AVX-512 (else AVX2) rows for float rows of whole half
+  // registers, else the portable loops. Stage 0 adds the parts (within the bands lo, hi) into a.
   void run(int s, int64_t begin, int64_t end) const {
     if (s == 0) {
       add(lo, hi, begin, end, a);
@@ -999,6 +1038,10 @@ struct ReduceBlur {
     if constexpr (std::is_same_v<T, float>) {
       if (buf->Cp % 8 == 0 && cpu_has_avx512()) {
         avx512::blur_rows(s % 2 ? a : b, nbj, buf->Cp, begin - 1, end - 1, s % 2 ? b : a);
+        return;
+      }
+      if (buf->Cp % 8 == 0 && cpu_has_avx2()) {
+        avx2::blur_rows(s % 2 ? a : b, nbj, buf->Cp, begin - 1, end - 1, s % 2 ? b : a);
         return;
       }
     }
@@ -1014,6 +1057,10 @@ struct ReduceBlur {
     if constexpr (std::is_same_v<T, float>) {
       if (buf->Cp % 8 == 0 && cpu_has_avx512()) {
         avx512::add_rows(parts, stride, blo, bhi, buf->Cp, begin, end, out);
+        return;
+      }
+      if (buf->Cp % 8 == 0 && cpu_has_avx2()) {
+        avx2::add_rows(parts, stride, blo, bhi, buf->Cp, begin, end, out);
         return;
       }
     }
@@ -1972,10 +2019,16 @@ void mean_field_points(const float* lg, bool point_major, int64_t L, int64_t N, 
           if (fast_block) {  // unpadded rows (ls = L), in 16 x 16 (AVX-512) or 8 x 8 blocks
             const int64_t tb = wide ? 16 : 8;
             const auto transpose = wide ? &avx512::transpose16 : &avx2::transpose8;
+            // With at least tb labels the last block of labels ends at L and overlaps the one before
+            // (those labels are written twice, the same values): every block then fills whole
+            // registers, and writes its rows with plain stores, not masked ones (microcoded and slow
+            // on AMD cores; with 21 labels they were a third of the blocks).
             for (int64_t j0 = i0; j0 < i1; j0 += tb)
-              for (int64_t c0 = 0; c0 < L; c0 += tb)
-                transpose(lg + c0 * N + j0, N, static_cast<int>(std::min(tb, L - c0)),
-                          static_cast<int>(std::min(tb, i1 - j0)), rows + j0 * ls + c0, ls);
+              for (int64_t c0 = 0; c0 < L; c0 += tb) {
+                const int64_t c = L >= tb ? std::min(c0, L - tb) : c0;
+                transpose(lg + c * N + j0, N, static_cast<int>(std::min(tb, L - c)),
+                          static_cast<int>(std::min(tb, i1 - j0)), rows + j0 * ls + c, ls);
+              }
           } else
 #endif
           {
