@@ -920,6 +920,20 @@ DSF_AVX2 void add_rows(float* parts, int64_t part_stride, const int64_t* lo, con
 }
 
 }  // namespace avx2
+
+// The vectorised blur and add rows for float rows of Cp labels on this machine: AVX-512's, else
+// AVX2's; nulls (the portable loops) when Cp is not a whole number of half registers or the CPU has
+// neither.
+struct FloatRowKernels {
+  void (*blur)(const float*, const int32_t*, int64_t, int64_t, int64_t, float*) = nullptr;
+  void (*add)(float*, int64_t, const int64_t*, const int64_t*, int64_t, int64_t, int64_t, float*) = nullptr;
+};
+inline FloatRowKernels float_row_kernels(int64_t Cp) {
+  if (Cp % 8 != 0) return {};
+  if (cpu_has_avx512()) return {&avx512::blur_rows, &avx512::add_rows};
+  if (cpu_has_avx2()) return {&avx2::blur_rows, &avx2::add_rows};
+  return {};
+}
 #endif
 
 // out[0:Cp] = sum over pixel i's simplex corners of (weight * buf[vertex+1]) * alpha.
@@ -1024,8 +1038,8 @@ struct ReduceBlur {
   int64_t rows() const { return buf->rows; }
   int64_t stages() const { return lat->D1 + 1; }
   const T* result() const { return lat->D1 % 2 ? b : a; }
-  // Stage s over rows [begin, end): the AVX-512 (else AVX2) rows for float rows of whole half
-  // registers, else the portable loops. Stage 0 adds the parts (within the bands lo, hi) into a.
+  // Stage s over rows [begin, end): float_row_kernels' rows where there are some, else the portable
+  // loops. Stage 0 adds the parts (within the bands lo, hi) into a.
   void run(int s, int64_t begin, int64_t end) const {
     if (s == 0) {
       add(lo, hi, begin, end, a);
@@ -1036,12 +1050,8 @@ struct ReduceBlur {
     // blur_range's vertex v is buffer row v + 1.
 #ifdef DSF_HAVE_AVX512_KERNELS
     if constexpr (std::is_same_v<T, float>) {
-      if (buf->Cp % 8 == 0 && cpu_has_avx512()) {
-        avx512::blur_rows(s % 2 ? a : b, nbj, buf->Cp, begin - 1, end - 1, s % 2 ? b : a);
-        return;
-      }
-      if (buf->Cp % 8 == 0 && cpu_has_avx2()) {
-        avx2::blur_rows(s % 2 ? a : b, nbj, buf->Cp, begin - 1, end - 1, s % 2 ? b : a);
+      if (const auto blur = float_row_kernels(buf->Cp).blur) {
+        blur(s % 2 ? a : b, nbj, buf->Cp, begin - 1, end - 1, s % 2 ? b : a);
         return;
       }
     }
@@ -1055,12 +1065,8 @@ struct ReduceBlur {
     const int64_t stride = buf->rows * buf->Cp;
 #ifdef DSF_HAVE_AVX512_KERNELS
     if constexpr (std::is_same_v<T, float>) {
-      if (buf->Cp % 8 == 0 && cpu_has_avx512()) {
-        avx512::add_rows(parts, stride, blo, bhi, buf->Cp, begin, end, out);
-        return;
-      }
-      if (buf->Cp % 8 == 0 && cpu_has_avx2()) {
-        avx2::add_rows(parts, stride, blo, bhi, buf->Cp, begin, end, out);
+      if (const auto add_rows = float_row_kernels(buf->Cp).add) {
+        add_rows(parts, stride, blo, bhi, buf->Cp, begin, end, out);
         return;
       }
     }
