@@ -153,6 +153,25 @@ def test_tiny_inputs():
     assert F.dense_crf(torch.randn(0, 3, 4, 4), torch.zeros(0, 3, 4, 4)).shape == (0, 3, 4, 4)
 
 
+def test_images_with_empty_splat_parts():
+    # Under 30 pixels some of the eight splat parts are empty (csrc/cpu/crf.cpp part_begin), also
+    # between non-empty ones. The fused float32 update must then agree with the composed float64
+    # path (the filter op, another code path) to float32 rounding: 1e-5 against the ~1e-7 seen.
+    g = torch.Generator().manual_seed(5)
+    threads = torch.get_num_threads()
+    try:
+        for t in (1, 3):
+            torch.set_num_threads(t)
+            for n in (2, 5, 10, 12, 16, 23, 29, 31):
+                unary = torch.randn(1, 4, 1, n, generator=g) * 3
+                img = torch.randint(0, 256, (1, 3, 1, n), generator=g, dtype=torch.uint8)
+                q = F.dense_crf(unary, img, iterations=3)
+                torch.testing.assert_close(q.double(), F.dense_crf(unary.double(), img, iterations=3),
+                                           atol=1e-5, rtol=0)
+    finally:
+        torch.set_num_threads(threads)
+
+
 DETERMINISM = """
 import torch, deconvseg_fast.functional as F
 g = torch.Generator().manual_seed(0)
