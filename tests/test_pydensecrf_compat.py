@@ -560,3 +560,27 @@ OUR_ERRORS = [
 def test_bad_input_ours(call, exc, match):
     with pytest.raises(exc, match=match):
         call()
+
+
+@pytest.mark.parametrize("n_labels", [1, 3])
+def test_inputs_are_copied(n_labels):
+    # densecrf copies the unary, the image's features and addPairwiseEnergy's features: changing the
+    # caller's arrays afterwards changes nothing. A one-label unary is the case a transposing view
+    # makes easy to miss (its transpose is already contiguous); its Q is 1 whatever the unary, so
+    # the KL divergence, which reads the unary, checks it.
+    img, U = random_image(H, W), random_unary(n_labels, H * W)
+    feats = od_utils.create_pairwise_gaussian(sdims=(3, 3), shape=(H, W))
+    before = None
+    for touch in (False, True):
+        d = od.DenseCRF2D(W, H, n_labels)
+        d.setUnaryEnergy(U)
+        d.addPairwiseBilateral(80, 13, img, 10)
+        d.addPairwiseEnergy(feats, 3)
+        if touch:
+            U[:] = 0.0
+            img[:] = 0
+            feats[:] = 0.0
+            assert d.klDivergence(d.inference(3)) == before[1]
+            np.testing.assert_array_equal(np.array(d.inference(3)), before[0])
+        else:
+            before = np.array(d.inference(3)), d.klDivergence(d.inference(3))
