@@ -330,6 +330,17 @@ def test_zero_variables():
         assert np.array(m.DenseCRF(0, 3).inference(2)).shape == (3, 0)
 
 
+@pytest.mark.parametrize("w, h", [(0, 5), (5, 0), (0, 0)])
+def test_empty_images(w, h):
+    # Ours only: pydensecrf's buffer conversion raises IndexError on the empty unary.
+    d = od.DenseCRF2D(w, h, 3)
+    d.setUnaryEnergy(np.zeros((3, 0), np.float32))
+    d.addPairwiseGaussian(3, 3)
+    d.addPairwiseBilateral(80, 13, np.zeros((h, w, 3), np.uint8), 10)
+    assert np.array(d.inference(2)).shape == (3, 0)
+    assert d.klDivergence(d.inference(1)) == 0.0
+
+
 # ---- W/H conventions --------------------------------------------------------------------------------
 def test_width_height_conventions():
     """DenseCRF2D(W, H, L); unary (L, H*W) row-major over (H, W); image (H, W, 3); x = column.

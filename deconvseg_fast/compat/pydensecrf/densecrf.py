@@ -574,9 +574,9 @@ class DenseCRF2D(DenseCRF):
         """The padded point-major features (x / sx, y / sy[, r / sr, g / sg, b / sb]) of pixel
         n = y W + x, written column by column (numpy's (d, N) features and a transposing copy took
         about twice as long). Each value is densecrf's float32 division."""
-        h, w = self._h, self._w
-        points = _padded_points(h * w, 2 if image is None else 5)
-        grid = points[:h * w].view(h, w, -1)
+        h, w, d = self._h, self._w, 2 if image is None else 5
+        points = _padded_points(h * w, d)
+        grid = points[:h * w].view(h, w, d)
         # float32 division of the integer coordinate, as `feature(0, j*W+i) = i / sx`.
         grid[:, :, 0] = torch.from_numpy(np.arange(w, dtype=np.float32) / np.float32(sx))
         grid[:, :, 1] = torch.from_numpy(np.arange(h, dtype=np.float32) / np.float32(sy))[:, None]
