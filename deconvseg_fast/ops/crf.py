@@ -157,8 +157,9 @@ def mean_field_batch(logits: torch.Tensor, lattice_sets, pre: torch.Tensor, post
     lattice_sets: per image, its K ``Lattice`` objects; pre / post [B, K, N]; compat [K, L, L],
     shared. Returns Q [B, L, N], each image's the same bits ``mean_field`` gives it, in the logits'
     layout if they are the transpose of a contiguous [B, N, L] (else contiguous). On the CPU the
-    images run one per thread (see csrc/cpu/crf.cpp), which beats splitting each image over the
-    threads: no barrier inside an image, and each core's caches hold one image's lattice.
+    images run one per thread (see csrc/cpu/crf.cpp): no barrier inside an image, and each core's
+    caches hold one image's lattice. On the AVX-512 test host that beat splitting each image over
+    the threads; on an AVX2-only one the two were equal in the bench (BENCHMARKS.md).
     """
     lattices = [lat for lats in lattice_sets for lat in lats]
     return _call_mean_field(_ops.dense_crf_mean_field_batch.default, logits, lattices, pre, post, compat,
