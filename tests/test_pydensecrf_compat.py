@@ -581,17 +581,13 @@ def test_inputs_are_copied(n_labels):
     # the KL divergence, which reads the unary, checks it.
     img, U = random_image(H, W), random_unary(n_labels, H * W)
     feats = od_utils.create_pairwise_gaussian(sdims=(3, 3), shape=(H, W))
-    before = None
-    for touch in (False, True):
-        d = od.DenseCRF2D(W, H, n_labels)
-        d.setUnaryEnergy(U)
-        d.addPairwiseBilateral(80, 13, img, 10)
-        d.addPairwiseEnergy(feats, 3)
-        if touch:
-            U[:] = 0.0
-            img[:] = 0
-            feats[:] = 0.0
-            assert d.klDivergence(d.inference(3)) == before[1]
-            np.testing.assert_array_equal(np.array(d.inference(3)), before[0])
-        else:
-            before = np.array(d.inference(3)), d.klDivergence(d.inference(3))
+    d = od.DenseCRF2D(W, H, n_labels)
+    d.setUnaryEnergy(U)
+    d.addPairwiseBilateral(80, 13, img, 10)
+    d.addPairwiseEnergy(feats, 3)
+    q, kl = np.array(d.inference(3)), d.klDivergence(d.inference(3))
+    U[:] = 0.0
+    img[:] = 0
+    feats[:] = 0.0
+    assert d.klDivergence(d.inference(3)) == kl
+    np.testing.assert_array_equal(np.array(d.inference(3)), q)

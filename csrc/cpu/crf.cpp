@@ -674,7 +674,7 @@ LatticeView view_lattice(const Tensor& offsets, const Tensor& weights, const Ten
   });
   bool off_ok = true;
   for (int64_t p = 0; p < kSplatParts; ++p) {
-    if (part_max[p] < part_min[p]) {  // a part with no pixels (part_begin gives some to N < 30)
+    if (part_max[p] < part_min[p]) {  // a part with no pixels (some are, for N < 30)
       L.part_lo[p] = L.part_hi[p] = 0;
       continue;
     }
