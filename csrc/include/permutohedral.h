@@ -108,17 +108,25 @@ DSF_HD void enclosing_simplex_fixed(const float* f, int d_runtime, const float* 
 }
 
 // Hash of a vertex's d lattice coordinates, for open-addressing tables indexed by `hash & mask`.
-// Coordinates are small integers that vary together; a full 64-bit finaliser (splitmix64's)
-// spreads them over the table, which a plain multiplicative hash with a power-of-two mask does not
-// (long linear-probing runs on megapixel images).
+// Coordinates are small integers that vary together, so the hash must mix well: a plain
+// multiplicative hash with a power-of-two mask gave long linear-probing runs on megapixel images.
+// The key is first reduced to sum_i key[i] C^(i+1) mod 2^64 (distinct powers of an odd C, so
+// small key differences do not cancel), then mixed by a xor-shift-multiply round. The powers do
+// not depend on the key: the products are independent and only their sum is a chain. The Horner
+// form (h + key[i]) * C chained d multiplies, and a second mixing round, ahead of every table
+// probe; dropping them took the CPU build of the VOC photo's bilateral lattice from 18.2-19.1 to
+// 16.2-17.3 ms at one thread. Vertex numbers follow first occurrence on both devices, so the hash
+// changes no output, only how fast the tables are.
 DSF_HD uint64_t hash_key(const int32_t* key, int d) {
-  uint64_t h = 0;
-  for (int i = 0; i < d; ++i) h = (h + static_cast<uint32_t>(key[i])) * 0x9E3779B97F4A7C15ULL;
-  h ^= h >> 30;
+  constexpr uint64_t kC = 0x9E3779B97F4A7C15ULL;
+  uint64_t h = 0, power = kC;
+  for (int i = 0; i < d; ++i) {
+    h += static_cast<uint32_t>(key[i]) * power;
+    power *= kC;
+  }
+  h ^= h >> 32;
   h *= 0xBF58476D1CE4E5B9ULL;
-  h ^= h >> 27;
-  h *= 0x94D049BB133111EBULL;
-  return h ^ (h >> 31);
+  return h ^ (h >> 29);
 }
 
 // The two blur neighbours of the vertex `key` (d coordinates) along lattice axis j (0..d), written
