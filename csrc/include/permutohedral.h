@@ -114,9 +114,9 @@ DSF_HD void enclosing_simplex_fixed(const float* f, int d_runtime, const float* 
 // small key differences do not cancel), then mixed by a xor-shift-multiply round. The powers do
 // not depend on the key: the products are independent and only their sum is a chain. The Horner
 // form (h + key[i]) * C chained d multiplies, and a second mixing round, ahead of every table
-// probe; dropping them took the CPU build of the VOC photo's bilateral lattice from 18.2-19.1 to
-// 16.2-17.3 ms at one thread. Vertex numbers follow first occurrence on both devices, so the hash
-// changes no output, only how fast the tables are.
+// probe; dropping them took the CPU build of the VOC photo's bilateral lattice from 17.4-18.2 to
+// 16.2-17.3 ms at one thread (BENCHMARKS.md, "... a fifth time"). Vertex numbers follow first
+// occurrence on both devices, so the hash changes no output, only how fast the tables are.
 DSF_HD uint64_t hash_key(const int32_t* key, int d) {
   constexpr uint64_t kC = 0x9E3779B97F4A7C15ULL;
   uint64_t h = 0, power = kC;
